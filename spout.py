@@ -126,6 +126,14 @@ def parse_nonempty(text: str) -> str:
     return text.strip()
 
 
+def describe_value_error(error: ValueError, text: str) -> str:
+    """Our parsers' messages as they are; int()'s and float()'s in the user's terms."""
+    message = str(error)
+    if message.startswith(("invalid literal", "could not convert")):
+        return f"{text!r} is not a number"
+    return message
+
+
 class Setting(NamedTuple):
     env: str
     field: str
@@ -244,9 +252,7 @@ class Config:
             try:
                 values[setting.field] = setting.parse(raw)
             except ValueError as error:
-                problem = str(error) if "invalid literal" not in str(error) else \
-                    f"{raw!r} is not a number"
-                raise ConfigError(source, problem) from None
+                raise ConfigError(source, describe_value_error(error, raw)) from None
 
         host, port = values.pop("host", None), values.pop("port", None)
         if "bootstrap_servers" not in values:
@@ -295,9 +301,7 @@ def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> d
         try:
             options[name] = parse_kafka_option(name, text, defaults)
         except ValueError as error:
-            problem = f"{text!r} is not a number" if "could not convert" in str(error) \
-                or "invalid literal" in str(error) else str(error)
-            raise ConfigError(source, problem) from None
+            raise ConfigError(source, describe_value_error(error, text)) from None
     return options
 
 
@@ -435,8 +439,7 @@ _ZEROS = memoryview(bytes(BLOCK))
 _MAX_USTAR_SIZE = 8**11 - 1
 # The fixed parts of a ustar header for a regular file, byte for byte as tarfile writes them.
 _HEAD_MODE = b"0000644\x00" + b"0000000\x00" + b"0000000\x00"
-_HEAD_TAIL = (b"0" + bytes(100) + b"ustar\x0000" + bytes(64)
-              + b"0000000\x00" + b"0000000\x00" + bytes(155 + 12))
+_HEAD_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)
 _CHECKSUM_BASE = sum(_HEAD_MODE) + sum(_HEAD_TAIL) + 8 * ord(" ")  # chksum counts as spaces
 
 
@@ -726,7 +729,9 @@ class Stats:
 
 
 STATS_INTERVAL = 30.0
-SHUTDOWN_BUDGET = 8.0
+# SIGTERM to exit within 10 s: a poll (0.5 s) + a commit in progress (2 s) + this + close (1 s).
+SHUTDOWN_BUDGET = 6.0
+COMMIT_RETRY_SECONDS = 2.0
 CONNECT_BACKOFF_MAX = 30.0
 
 
@@ -742,6 +747,7 @@ class Spout:
         self.batch = Batch()
         self.stats = Stats()
         self.uncommitted: dict = {}
+        self.next_commit = 0.0
         self.consumer = None
         self._consumer_factory = consumer_factory
 
@@ -798,10 +804,10 @@ class Spout:
         for tp in revoked:
             self.uncommitted.pop(tp, None)
 
-    def commit(self, timeout_ms: int = 5000) -> None:
+    def commit(self, timeout_ms: int = 2000, final: bool = False) -> None:
         for offsets in self.delivery.poll():
             self.uncommitted.update(offsets)
-        if not self.uncommitted:
+        if not self.uncommitted or (time.monotonic() < self.next_commit and not final):
             return
         from kafka.structs import OffsetAndMetadata
         try:
@@ -812,6 +818,7 @@ class Spout:
                                        for tp, offset in self.uncommitted.items()})
             self.uncommitted = {}
         except Exception as error:  # kept, and tried again with the next commit
+            self.next_commit = time.monotonic() + COMMIT_RETRY_SECONDS
             log.warning("offset commit to %s failed (%s: %s); will retry",
                         ",".join(self.config.bootstrap_servers), type(error).__name__, error)
 
@@ -873,6 +880,8 @@ class Spout:
                     records = None
                     self.stop.wait(1.0)
                 if records:
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("polled %d record(s)", sum(map(len, records.values())))
                     self.add(records)
                 if self.batch.records and self.batch_due_in() <= 0:
                     self.flush()
@@ -895,7 +904,7 @@ class Spout:
             log.warning("the reader did not take the last archive in time; its messages "
                         "stay uncommitted and will be read again")
         remaining_ms = int(max(deadline - time.monotonic(), 0.5) * 1000)
-        self.commit(timeout_ms=remaining_ms)
+        self.commit(timeout_ms=remaining_ms, final=True)
         self.delivery.pipe.close()
         self.consumer.close(autocommit=False, timeout_ms=1000)
         log.info("stopped; %s", self.stats.line())

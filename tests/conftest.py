@@ -139,6 +139,36 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int = 
         consumer.close(autocommit=False)
 
 
+def read_back(bootstrap: str, topic: str, expected: int) -> dict:
+    """Ground truth from Kafka: {(partition, offset): value}, read in assign mode."""
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
+    consumer.assign([TopicPartition(topic, p) for p in range(3)])
+    found: dict = {}
+
+    def fetch():
+        for tp, records in consumer.poll(200).items():
+            for record in records:
+                found[(tp.partition, record.offset)] = record.value
+        return len(found) >= expected
+    try:
+        wait_until(fetch, 60, "the topic to be read back")
+    finally:
+        consumer.close()
+    return found
+
+
+def spout_env(broker, topic, fifo, **extra) -> dict:
+    env = {"BOOTSTRAP_SERVERS": broker, "TOPIC": topic, "OUTPUT_PIPE": str(fifo),
+           "GROUP_ID": f"g-{topic}", "BATCH_MAX_SECONDS": "0.2", "LOG_LEVEL": "DEBUG",
+           # Tansu completes a group join only after the session timeout runs out.
+           "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+           "KAFKA_MAX_POLL_INTERVAL_MS": "6000"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
 @pytest.fixture
 def fifo(tmp_path):
     path = tmp_path / "pfs" / "out"

@@ -6,7 +6,7 @@ import random
 import signal
 
 import pytest
-from conftest import committed_offsets, produce, wait_until
+from conftest import committed_offsets, produce, read_back, spout_env, wait_until
 
 SIZES = [0, 1, 100, 511, 512, 513, 1024, 4096]
 
@@ -26,38 +26,8 @@ def mixed_messages(count: int, seed: int, big: int = 2):
     return messages
 
 
-def read_back(bootstrap: str, topic: str, expected: int) -> dict:
-    """Ground truth from Kafka: {(partition, offset): value}, read in assign mode."""
-    from kafka import KafkaConsumer, TopicPartition
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
-    consumer.assign([TopicPartition(topic, p) for p in range(3)])
-    found: dict = {}
-
-    def fetch():
-        for tp, records in consumer.poll(200).items():
-            for record in records:
-                found[(tp.partition, record.offset)] = record.value
-        return len(found) >= expected
-    try:
-        wait_until(fetch, 60, "the topic to be read back")
-    finally:
-        consumer.close()
-    return found
-
-
 def expected_files(topic: str, truth: dict) -> dict:
     return {f"/{topic}/{p}/{o:020d}": value for (p, o), value in truth.items()}
-
-
-def spout_env(broker, topic, fifo, **extra) -> dict:
-    env = {"BOOTSTRAP_SERVERS": broker, "TOPIC": topic, "OUTPUT_PIPE": str(fifo),
-           "GROUP_ID": f"g-{topic}", "BATCH_MAX_SECONDS": "0.2", "LOG_LEVEL": "DEBUG",
-           # Tansu completes a group join only after the session timeout runs out.
-           "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "500",
-           "KAFKA_MAX_POLL_INTERVAL_MS": "6000"}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def assert_clean(reader) -> None:

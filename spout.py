@@ -630,8 +630,8 @@ class Delivery:
                     entry.end = self.pipe.written
                 return
             except BrokenPipeError:
-                self.broken_pipes += 1
                 entries = self._requeue_after_broken_pipe()
+                self.broken_pipes += 1
                 log.warning("pipe %s broken (reader gone); writing %d archive(s) again "
                             "in %.2fs", self.pipe.path, len(entries), delay)
                 wait_or_stop(self.pipe.stop, delay, deadline)

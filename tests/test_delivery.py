@@ -1,0 +1,147 @@
+"""The pipe writer and the delivery policy, on a real FIFO."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from conftest import wait_until
+from pfs_reader import PfsReader
+
+import spout
+
+
+def archive(tag: str, size: int) -> spout.Archive:
+    return spout.encode_archive([(f"{tag}/data", tag.encode() * size, 0)])
+
+
+def raw(archive_: spout.Archive) -> bytes:
+    return b"".join(bytes(part) for part in archive_.parts)
+
+
+def read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        assert chunk, "writer closed early"
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def delivery(fifo):
+    stop = threading.Event()
+    d = spout.Delivery(spout.PipeWriter(str(fifo), stop), retry_max_seconds=0.1)
+    yield d
+    stop.set()
+    d.pipe.close()
+
+
+def in_thread(function, *args):
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_the_writer_waits_for_a_reader_then_writes_the_whole_archive(fifo, delivery):
+    a = archive("a", 300_000)
+    thread, outcome = in_thread(delivery.send, a, {"p": 1})
+    time.sleep(0.05)  # give the writer time to find nobody there; it must keep waiting
+    assert thread.is_alive()
+    fd = os.open(fifo, os.O_RDONLY)
+    try:
+        assert read_exactly(fd, a.size) == raw(a)
+        thread.join(5)
+        assert outcome == {"result": None}
+    finally:
+        os.close(fd)
+
+
+def test_offsets_are_released_once_the_reader_reads_past_the_archive(fifo, delivery):
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        a, b = archive("a", 1000), archive("b", 1000)
+        delivery.send(a, {"p": 1})
+        delivery.send(b, {"p": 2})
+        assert delivery.poll() == []
+        read_exactly(fd, a.size)
+        assert delivery.poll() == []           # read to its end: maybe not committed yet
+        read_exactly(fd, 512)
+        assert delivery.poll() == [{"p": 1}]   # the reader moved on: it was committed
+        read_exactly(fd, b.size - 512)
+        assert delivery.poll() == []
+        assert delivery.poll(final=True) == [{"p": 2}]
+    finally:
+        os.close(fd)
+
+
+def test_an_archive_without_members_is_not_written_but_follows_its_predecessor(fifo, delivery):
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        a = archive("a", 10)
+        delivery.send(a, {"p": 1})
+        delivery.send(spout.encode_archive([]), {"p": 5})
+        assert delivery.pipe.written == a.size
+        read_exactly(fd, a.size)
+        assert delivery.poll(final=True) == [{"p": 1}, {"p": 5}]
+    finally:
+        os.close(fd)
+
+
+def test_a_broken_pipe_sends_every_unfinished_archive_again_whole_and_in_order(fifo, delivery):
+    a, b, c = archive("a", 2000), archive("b", 400_000), archive("c", 400_000)
+    first = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    delivery.send(a, {"p": 1})
+    thread, outcome = in_thread(lambda: (delivery.send(b, {"p": 2}), delivery.send(c, {"p": 3})))
+    wait_until(lambda: delivery.pipe.written > a.size + 1000, 5, "b to be under way")
+    os.set_blocking(first, True)
+    read_exactly(first, a.size + 700)    # all of a, the start of b: then the reader dies
+    os.close(first)
+    wait_until(lambda: delivery.broken_pipes, 5, "the writer to see the broken pipe")
+    reader = PfsReader(str(fifo), "g3").start()
+    try:
+        wait_until(lambda: len(reader.commits) >= 2, 10, "b and c to arrive again")
+        thread.join(5)
+        assert not thread.is_alive() and "error" not in outcome
+        assert reader.tar_errors == []
+        assert [sorted(path for path, _ in commit.puts) for commit in reader.commits] == \
+            [["/b/data"], ["/c/data"]]
+        assert reader.snapshot() == {"/b/data": b"b" * 400_000, "/c/data": b"c" * 400_000}
+        # a was read to its end before the reader went: it is not sent again.
+        assert delivery.poll(final=True) == [{"p": 1}, {"p": 2}, {"p": 3}]
+    finally:
+        delivery.pipe.close()
+        reader.stop()
+
+
+def test_a_stop_request_ends_the_wait_for_a_reader(delivery):
+    threading.Timer(0.2, delivery.pipe.stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(spout.Stopped):
+        delivery.send(archive("a", 10), {"p": 1})
+    assert time.monotonic() - started < 2
+
+
+def test_a_reader_that_stops_reading_is_abandoned_at_the_deadline(fifo, delivery):
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        started = time.monotonic()
+        with pytest.raises(spout.Stopped):
+            delivery.send(archive("a", 2_000_000), {"p": 1}, deadline=started + 0.3)
+        assert 0.25 < time.monotonic() - started < 2
+        assert delivery.pipe.torn and delivery.pipe.fd is None
+        # Half an archive is in the pipe: nothing may follow it, and nothing was delivered.
+        with pytest.raises(spout.Stopped):
+            delivery.send(archive("b", 1), {"p": 2}, deadline=time.monotonic() + 1)
+        assert delivery.poll(final=True) == []
+    finally:
+        os.close(fd)

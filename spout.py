@@ -642,14 +642,13 @@ class Delivery:
         archives only after it committed); the rest go again. Closing drops partial bytes."""
         consumed = self.pipe.written - self.pipe.unread()
         self.pipe.close()
-        self._release(lambda end: end <= consumed)
+        self._release(lambda entry: entry.end <= consumed)
         for entry in self.in_flight:
             entry.end = None
         return list(self.in_flight)
 
-    def _release(self, taken: Callable[[int], bool]) -> None:
-        while self.in_flight and self.in_flight[0].end is not None \
-                and taken(self.in_flight[0].end):
+    def _release(self, taken: Callable[[Pending], bool]) -> None:
+        while self.in_flight and self.in_flight[0].end is not None and taken(self.in_flight[0]):
             self.delivered.append(self.in_flight.popleft().offsets)
 
     def poll(self, final: bool = False) -> list[dict]:
@@ -659,11 +658,13 @@ class Delivery:
         """
         if self.in_flight:
             if not self.pipe.unread_supported:
-                self._release(lambda end: True)
+                self._release(lambda entry: True)
             else:
                 consumed = self.pipe.written - self.pipe.unread()
-                self._release((lambda end: end <= consumed) if final else
-                              (lambda end: end < consumed))
+                # An archive without members has no bytes to read past: once all before it
+                # were taken, so is it.
+                self._release(lambda entry: entry.end < consumed or (
+                    entry.end <= consumed and (final or not entry.archive.members)))
         delivered, self.delivered = self.delivered, []
         return delivered
 
@@ -732,6 +733,7 @@ STATS_INTERVAL = 30.0
 # SIGTERM to exit within 10 s: a poll (0.5 s) + a commit in progress (2 s) + this + close (1 s).
 SHUTDOWN_BUDGET = 6.0
 COMMIT_RETRY_SECONDS = 2.0
+HEALTH_CHECK_INTERVAL = 5.0
 CONNECT_BACKOFF_MAX = 30.0
 
 
@@ -748,6 +750,7 @@ class Spout:
         self.stats = Stats()
         self.uncommitted: dict = {}
         self.next_commit = 0.0
+        self.connected = True
         self.consumer = None
         self._consumer_factory = consumer_factory
 
@@ -822,6 +825,22 @@ class Spout:
             log.warning("offset commit to %s failed (%s: %s); will retry",
                         ",".join(self.config.bootstrap_servers), type(error).__name__, error)
 
+    def check_connection(self) -> None:
+        """Says once when every broker connection is gone, and once when one is back.
+
+        kafka-python reconnects by itself; its own messages do not name the address.
+        """
+        metrics = self.consumer.metrics().get("consumer-metrics", {})
+        connected = metrics.get("connection-count", 1) > 0
+        if connected != self.connected:
+            self.connected = connected
+            address = ",".join(self.config.bootstrap_servers)
+            if connected:
+                log.info("connected to Kafka at %s again", address)
+            else:
+                log.warning("lost contact with Kafka at %s; reconnecting with back-off",
+                            address)
+
     # -- batching
     def add(self, records: Mapping) -> None:
         render = self.names.render
@@ -867,6 +886,7 @@ class Spout:
             return 0
         self.subscribe()
         next_stats = time.monotonic() + STATS_INTERVAL
+        next_health_check = time.monotonic() + HEALTH_CHECK_INTERVAL
         from kafka.errors import KafkaError
         try:
             while not self.stop.is_set():
@@ -886,6 +906,9 @@ class Spout:
                 if self.batch.records and self.batch_due_in() <= 0:
                     self.flush()
                 self.commit()
+                if time.monotonic() >= next_health_check:
+                    self.check_connection()
+                    next_health_check += HEALTH_CHECK_INTERVAL
                 if time.monotonic() >= next_stats:
                     log.info(self.stats.line())
                     next_stats += STATS_INTERVAL
@@ -903,7 +926,7 @@ class Spout:
         except Stopped:
             log.warning("the reader did not take the last archive in time; its messages "
                         "stay uncommitted and will be read again")
-        remaining_ms = int(max(deadline - time.monotonic(), 0.5) * 1000)
+        remaining_ms = int(min(max(deadline - time.monotonic(), 0.5), 3.0) * 1000)
         self.commit(timeout_ms=remaining_ms, final=True)
         self.delivery.pipe.close()
         self.consumer.close(autocommit=False, timeout_ms=1000)

@@ -91,10 +91,17 @@ def test_an_archive_without_members_is_not_written_but_follows_its_predecessor(f
         delivery.send(a, {"p": 1})
         delivery.send(spout.encode_archive([]), {"p": 5})
         assert delivery.pipe.written == a.size
+        assert delivery.poll() == []
         read_exactly(fd, a.size)
         assert delivery.poll(final=True) == [{"p": 1}, {"p": 5}]
     finally:
         os.close(fd)
+
+
+def test_tombstones_alone_are_committed_without_waiting(fifo, delivery):
+    delivery.send(spout.encode_archive([]), {"p": 5})
+    assert delivery.pipe.fd is None  # nothing to write, so the pipe was not even opened
+    assert delivery.poll() == [{"p": 5}]
 
 
 def test_a_broken_pipe_sends_every_unfinished_archive_again_whole_and_in_order(fifo, delivery):

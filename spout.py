@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -120,6 +121,14 @@ def parse_choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def parse_marker_name(text: str) -> str:
+    name = text.strip()
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,99}", name):
+        raise ValueError(f"{name!r} is not a marker name (a letter, then letters, digits, "
+                         "'.', '_' or '-')")
+    return name
+
+
 def parse_nonempty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -168,6 +177,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("NAME_TEMPLATE", "name_template", lambda text: NameTemplate(text).template,
             None, "file name per message; tokens {topic} {partition} {offset} {key} "
             "{timestamp} (default: {topic}/{partition}/{offset:020d})"),
+    Setting("MARKER", "marker", lambda text: parse_marker_name(text), None,
+            "marker mode: the spec's spout.marker name; resume exactly from it"),
+    Setting("GROUP_INSTANCE_ID", "group_instance_id", parse_nonempty, None,
+            "group mode: static membership, a restarted spout gets its partitions back"),
     Setting("LOG_LEVEL", "log_level", parse_choice("DEBUG", "INFO", "WARNING"), "INFO",
             "DEBUG, INFO or WARNING"),
 )
@@ -175,6 +188,7 @@ SETTINGS: tuple[Setting, ...] = (
 # Options the spout sets itself; a KAFKA_ variable may not override them.
 _OWNED_KAFKA_OPTIONS = {
     "bootstrap_servers": "BOOTSTRAP_SERVERS", "group_id": "GROUP_ID",
+    "group_instance_id": "GROUP_INSTANCE_ID",
     "auto_offset_reset": "AUTO_OFFSET_RESET",
     "enable_auto_commit": "nothing: offsets are committed only after delivery",
     "key_deserializer": "nothing", "value_deserializer": "nothing",
@@ -229,6 +243,8 @@ class Config:
     batch_max_bytes: int = 16 * 1024 * 1024
     batch_max_seconds: float = 1.0
     name_template: str = "{topic}/{partition}/{offset:020d}"
+    marker: str | None = None
+    group_instance_id: str | None = None
     log_level: str = "INFO"
     kafka_options: Mapping[str, object] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
@@ -268,9 +284,18 @@ class Config:
         values["kafka_options"] = MappingProxyType(
             collect_kafka_options(environ, args.kafka or ()))
         config = cls(**values)
+        if config.marker:
+            check_marker_is_apart(config)
         check_output_pipe(config.output_pipe, source=(
             "--output-pipe" if args.output_pipe is not None else "OUTPUT_PIPE"))
         return config
+
+    @property
+    def marker_path(self) -> str | None:
+        """Where Pachyderm puts the marker it kept: beside the pipe, as /pfs/<name>."""
+        if not self.marker:
+            return None
+        return os.path.join(os.path.dirname(self.output_pipe), self.marker)
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
@@ -303,6 +328,18 @@ def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> d
         except ValueError as error:
             raise ConfigError(source, describe_value_error(error, text)) from None
     return options
+
+
+def check_marker_is_apart(config: Config) -> None:
+    """Pachyderm diverts every member whose path starts with the marker's name."""
+    template = NameTemplate(config.name_template)
+    for topic in config.topics:
+        for key in (config.marker.encode(), b"k"):
+            name = template.render(topic, 0, 0, key, 0)
+            if name.lstrip("/").startswith(config.marker):
+                raise ConfigError("MARKER", f"names such as {name!r} start with the marker "
+                                  f"name {config.marker!r}; Pachyderm would take them for "
+                                  "the marker")
 
 
 def check_output_pipe(path: str, source: str) -> None:
@@ -487,6 +524,54 @@ def encode_archive(members: Iterable[tuple[str, bytes, int]]) -> Archive:
     return Archive(parts, size + len(END_OF_ARCHIVE), count)
 
 
+MARKER_FORMAT = "kafka-spout/1"
+
+
+class MarkerError(Exception):
+    """The marker Pachyderm kept cannot be read; str() names the file."""
+
+
+def encode_marker(topics: Iterable[str], positions: Mapping[tuple, int]) -> bytes:
+    """The next offset of every partition, by topic, with the topic set it was written for."""
+    offsets: dict[str, dict[str, int]] = {}
+    for (topic, partition), offset in sorted(positions.items()):
+        offsets.setdefault(topic, {})[str(partition)] = offset
+    return json.dumps({"format": MARKER_FORMAT, "topics": sorted(topics), "offsets": offsets},
+                      sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_marker(data: bytes) -> tuple[list[str], dict[tuple[str, int], int]]:
+    try:
+        document = json.loads(data)
+        if document.get("format") != MARKER_FORMAT:
+            raise ValueError(f"format is {document.get('format')!r}, not {MARKER_FORMAT!r}")
+        positions = {}
+        for topic, partitions in document["offsets"].items():
+            for partition, offset in partitions.items():
+                if not isinstance(offset, int) or offset < 0:
+                    raise ValueError(f"offset {offset!r} of {topic}/{partition}")
+                positions[(topic, int(partition))] = offset
+        return list(document["topics"]), positions
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"not a kafka-spout marker ({type(error).__name__}: {error})") from None
+
+
+def read_marker(path: str) -> tuple[list[str], dict[tuple[str, int], int]] | None:
+    """The marker Pachyderm exposes beside the pipe; None when there is none yet."""
+    try:
+        with open(path, "rb") as marker:
+            data = marker.read()
+    except FileNotFoundError:  # never written: Pachyderm's link dangles, or there is none
+        return None
+    except OSError as error:
+        raise MarkerError(f"{path}: {error.strerror}") from None
+    try:
+        return decode_marker(data)
+    except ValueError as error:
+        raise MarkerError(f"{path}: {error}; remove it (pachctl update pipeline "
+                          "--reprocess resets it) only if starting over is intended") from None
+
+
 # --------------------------------------------------------------------------- delivery
 
 class Stopped(Exception):
@@ -494,6 +579,10 @@ class Stopped(Exception):
 
 
 _IOV_MAX = 1024
+PIPE_TARGET_SIZE = 1024 * 1024
+READER_GONE_SECONDS = 1.0
+# Pipe buffers are pages; partly filled ones waste some of the capacity.
+PIPE_SLACK = 8192
 
 
 def wait_or_stop(stop: threading.Event, delay: float, deadline: float | None) -> None:
@@ -522,6 +611,7 @@ class PipeWriter:
         self.fd: int | None = None
         self.written = 0          # bytes written since this fd was opened
         self.torn = False         # an archive was abandoned half-written: write nothing more
+        self.capacity = 0
         self.unread_supported = _FIONREAD is not None
 
     def open(self, deadline: float | None = None) -> None:
@@ -531,6 +621,7 @@ class PipeWriter:
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 self.written = 0
+                self.capacity = self._grow_pipe()
                 return
             except OSError as error:
                 if error.errno != errno.ENXIO:  # ENXIO: no reader has the pipe open yet
@@ -538,10 +629,41 @@ class PipeWriter:
             wait_or_stop(self.stop, delay, deadline)
             delay = min(delay * 2, 0.05)
 
+    def _grow_pipe(self) -> int:
+        """A larger pipe buffer holds whole archives: fewer wake-ups, and atomic writes."""
+        try:
+            with open("/proc/sys/fs/pipe-max-size") as limit:
+                target = min(int(limit.read()), PIPE_TARGET_SIZE)
+            if fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ) < target:
+                fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, target)
+            return fcntl.fcntl(self.fd, fcntl.F_GETPIPE_SZ)
+        except (OSError, ValueError, AttributeError):
+            return 0
+
+    def _wait_for_room(self, size: int, deadline: float | None) -> bool:
+        """Waits until the pipe has room for size bytes at once; False if it never can."""
+        if not self.unread_supported or size > self.capacity - PIPE_SLACK:
+            return False
+        delay = 0.0005
+        while self.capacity - self.unread() - PIPE_SLACK < size:
+            if deadline is None and self.stop.is_set():
+                deadline = time.monotonic() + SHUTDOWN_BUDGET  # finish this archive first
+            wait_or_stop(self.stop, delay, deadline)
+            delay = min(delay * 2, 0.01)
+        return True
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    def reader_gone(self) -> bool:
+        """No process has the pipe open for reading (a write would fail with EPIPE)."""
+        if self.fd is None:
+            return False
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
 
     def unread(self) -> int:
         """Bytes written that the reader has not read yet (Linux: FIONREAD on the write end)."""
@@ -550,15 +672,32 @@ class PipeWriter:
         buf = fcntl.ioctl(self.fd, _FIONREAD, b"\x00\x00\x00\x00")
         return struct.unpack("i", buf)[0]
 
-    def write(self, parts: Sequence, deadline: float | None = None) -> None:
-        """Writes every buffer in full, or raises: BrokenPipeError if the reader went away,
-        Stopped if the deadline passed first (the half-written archive then ends the stream).
+    def write(self, parts: Sequence, deadline: float | None = None, skip: int = 0) -> None:
+        """Writes the buffers in full, leaving out their first `skip` bytes (already written
+        to this pipe), or raises: BrokenPipeError if the reader went away, Stopped if the
+        deadline passed first (the half-written archive then ends the stream).
         """
         if self.torn:
             raise Stopped("the pipe holds a half-written archive")
         if self.fd is None:
             self.open(deadline)
         views = [memoryview(part).cast("B") for part in parts if len(part)]
+        while skip:
+            if skip >= len(views[0]):
+                skip -= len(views.pop(0))
+            else:
+                views[0], skip = views[0][skip:], 0
+        total = sum(map(len, views))
+        if self._wait_for_room(total, deadline):
+            # One write that fits the pipe lands whole or not at all: a crash cannot leave
+            # half an archive for the next spout's bytes to continue.
+            if len(views) > _IOV_MAX:
+                views = [memoryview(b"".join(views))]
+            sent = os.writev(self.fd, views)
+            self.written += sent
+            if sent == total:
+                return
+            views = [memoryview(b"".join(views))[sent:]]
         index = 0
         poller = select.poll()
         poller.register(self.fd, select.POLLOUT)
@@ -590,11 +729,12 @@ class PipeWriter:
 
 class Pending:
     """An archive handed to the pipe, with the offsets it completes."""
-    __slots__ = ("archive", "offsets", "end")
+    __slots__ = ("archive", "offsets", "start", "end")
 
     def __init__(self, archive: Archive, offsets: dict):
         self.archive = archive
         self.offsets = offsets            # TopicPartition -> next offset to consume
+        self.start: int | None = None     # where it starts on the current fd
         self.end: int | None = None       # where it ends on the current fd, once fully written
 
 
@@ -603,8 +743,13 @@ class Delivery:
 
     A write only puts bytes in the pipe's buffer. An archive counts as delivered once the
     reader has read past its last byte (FIONREAD tells how far it got): Pachyderm's readers
-    finish an archive's commit before they read the next one. On a broken pipe, every archive
-    the reader had not read to its end is written again, whole and in order.
+    finish an archive's commit before they read the next one.
+
+    When the reader goes away: if it stopped exactly between two archives and opens the same
+    pipe again soon (the 1.8-1.10 readers do so after every archive), the pipe still holds
+    what follows, whole, so writing simply goes on. Otherwise the pipe is closed, which drops
+    any partial archive in it, and every archive the reader had not read past is written
+    again, whole and in order, to the next reader.
     """
 
     def __init__(self, pipe: PipeWriter, retry_max_seconds: float = 2.0):
@@ -613,6 +758,7 @@ class Delivery:
         self.in_flight: deque[Pending] = deque()
         self.delivered: list[dict] = []
         self.broken_pipes = 0
+        self._reader_gone_since: float | None = None
 
     def send(self, archive: Archive, offsets: dict, deadline: float | None = None) -> None:
         self.in_flight.append(Pending(archive, offsets))
@@ -620,32 +766,74 @@ class Delivery:
 
     def _write(self, entries: list[Pending], deadline: float | None) -> None:
         delay = 0.05
-        while True:
+        entries = list(entries)
+        while entries:
+            entry = entries[0]
             try:
-                for entry in entries:
-                    if entry.archive.members:
-                        self.pipe.write(entry.archive.parts, deadline)
-                    # An archive without members (only tombstones) is not written at all: an
-                    # empty archive is an empty commit, or breaks the next one, on old readers.
-                    entry.end = self.pipe.written
-                return
+                if entry.start is None:
+                    entry.start = self.pipe.written
+                # An archive without members (only tombstones) is not written at all: an
+                # empty archive is an empty commit, or breaks the next one, on old readers.
+                if entry.archive.members:
+                    self.pipe.write(entry.archive.parts, deadline,
+                                    skip=self.pipe.written - entry.start)
+                entry.end = self.pipe.written
+                entries.pop(0)
             except BrokenPipeError:
-                entries = self._requeue_after_broken_pipe()
-                self.broken_pipes += 1
+                if self._reader_back_between_archives(entry, deadline):
+                    continue
+                entries = self._requeue()
                 log.warning("pipe %s broken (reader gone); writing %d archive(s) again "
                             "in %.2fs", self.pipe.path, len(entries), delay)
                 wait_or_stop(self.pipe.stop, delay, deadline)
                 delay = min(delay * 2, self.retry_max_seconds)
 
-    def _requeue_after_broken_pipe(self) -> list[Pending]:
-        """Archives the reader read to their end were taken (a 1.8-1.10 reader closes between
-        archives only after it committed); the rest go again. Closing drops partial bytes."""
-        consumed = self.pipe.written - self.pipe.unread()
+    def _consumed(self) -> int:
+        return self.pipe.written - self.pipe.unread()
+
+    def _reader_back_between_archives(self, current: Pending, deadline: float | None) -> bool:
+        """True if the reader had stopped exactly at an archive's end and has the same pipe
+        open again: what is in the pipe then starts with a whole archive."""
+        consumed = self._consumed()
+        boundaries = {0, current.start} | {e.end for e in self.in_flight if e.end is not None}
+        if consumed not in boundaries:
+            return False
+        waited_until = time.monotonic() + READER_GONE_SECONDS
+        delay = 0.001
+        while self.pipe.reader_gone():
+            if time.monotonic() >= waited_until:
+                return False
+            wait_or_stop(self.pipe.stop, delay, deadline)
+            delay = min(delay * 2, 0.05)
+        return True
+
+    def _requeue(self) -> list[Pending]:
+        """Closes the pipe (dropping what the reader left in it) and returns, in order, the
+        archives to write again: all that the reader had not read past."""
+        consumed = self._consumed()
         self.pipe.close()
-        self._release(lambda entry: entry.end <= consumed)
+        self.broken_pipes += 1
+        self._release(lambda entry: entry.end < consumed)
         for entry in self.in_flight:
-            entry.end = None
+            entry.start = entry.end = None
         return list(self.in_flight)
+
+    def check_reader(self) -> None:
+        """Archives wait in the pipe for a reader that may be gone for good (a restarted
+        worker makes a fresh FIFO): once it stays gone, write them again to whatever reader
+        opens the path next. A short absence is a 1.8-1.10 reader between two archives."""
+        if not self.in_flight or not self.pipe.reader_gone():
+            self._reader_gone_since = None
+            return
+        now = time.monotonic()
+        if self._reader_gone_since is None:
+            self._reader_gone_since = now
+        elif now - self._reader_gone_since >= READER_GONE_SECONDS:
+            self._reader_gone_since = None
+            entries = self._requeue()
+            log.warning("pipe %s has had no reader for %.1fs; writing %d archive(s) again",
+                        self.pipe.path, READER_GONE_SECONDS, len(entries))
+            self._write(entries, None)
 
     def _release(self, taken: Callable[[Pending], bool]) -> None:
         while self.in_flight and self.in_flight[0].end is not None and taken(self.in_flight[0]):
@@ -660,7 +848,7 @@ class Delivery:
             if not self.pipe.unread_supported:
                 self._release(lambda entry: True)
             else:
-                consumed = self.pipe.written - self.pipe.unread()
+                consumed = self._consumed()
                 # An archive without members has no bytes to read past: once all before it
                 # were taken, so is it.
                 self._release(lambda entry: entry.end < consumed or (
@@ -676,12 +864,6 @@ class Delivery:
             delay = min(delay * 2, 0.05)
         return self.poll(final=True)
 
-    def forget(self, partitions: set) -> None:
-        """Partitions this spout lost in a rebalance: their new owner commits them."""
-        for entry in self.in_flight:
-            for tp in partitions:
-                entry.offsets.pop(tp, None)
-
 
 # --------------------------------------------------------------------------- the loop
 
@@ -692,6 +874,7 @@ class Batch:
         self.members: list[tuple[str, bytes, int]] = []
         self.partitions: list = []     # TopicPartition of each member, for rebalances
         self.offsets: dict = {}
+        self.first_offsets: dict = {}
         self.data_bytes = 0
         self.records = 0
         self.started = 0.0
@@ -700,6 +883,7 @@ class Batch:
         if not self.records:
             self.started = time.monotonic()
         self.records += 1
+        self.first_offsets.setdefault(tp, record.offset)
         self.offsets[tp] = record.offset + 1
         if name is not None:
             value = record.value
@@ -707,14 +891,19 @@ class Batch:
             self.partitions.append(tp)
             self.data_bytes += len(value)
 
-    def drop(self, partitions: set) -> None:
+    def drop(self, partitions: set) -> dict:
+        """Forgets the messages of these partitions; returns where each one's began."""
         keep = [i for i, tp in enumerate(self.partitions) if tp not in partitions]
         self.members = [self.members[i] for i in keep]
         self.partitions = [self.partitions[i] for i in keep]
         self.data_bytes = sum(len(member[1]) for member in self.members)
+        dropped = {}
         for tp in partitions:
             self.offsets.pop(tp, None)
+            if tp in self.first_offsets:
+                dropped[tp] = self.first_offsets.pop(tp)
         self.records = len(self.members) if self.offsets else 0
+        return dropped
 
 
 class Stats:
@@ -734,6 +923,7 @@ STATS_INTERVAL = 30.0
 SHUTDOWN_BUDGET = 6.0
 COMMIT_RETRY_SECONDS = 2.0
 HEALTH_CHECK_INTERVAL = 5.0
+PARTITION_CHECK_INTERVAL = 30.0
 CONNECT_BACKOFF_MAX = 30.0
 
 
@@ -741,8 +931,16 @@ class Spout:
     """Consumes, batches, delivers, then commits: offsets move only after delivery."""
 
     def __init__(self, config: Config, stop: threading.Event,
+                 marker: tuple[list[str], dict] | None = None,
                  consumer_factory: Callable[..., object] | None = None):
         self.config = config
+        # Marker mode: the next offset of every partition as of the last archive written,
+        # seeded from the marker Pachyderm kept.
+        self.positions: dict = {}
+        self.marker_positions = marker[1] if marker else {}
+        if marker and sorted(marker[0]) != sorted(config.topics):
+            log.info("the marker was written for topics %s; resuming those still configured",
+                     ",".join(marker[0]))
         self.stop = stop
         self.names = NameTemplate(config.name_template)
         self.delivery = Delivery(PipeWriter(config.output_pipe, stop))
@@ -751,6 +949,7 @@ class Spout:
         self.uncommitted: dict = {}
         self.next_commit = 0.0
         self.connected = True
+        self.assigned: set = set()
         self.consumer = None
         self._consumer_factory = consumer_factory
 
@@ -759,6 +958,8 @@ class Spout:
         options = {"bootstrap_timeout_ms": 3000, "max_poll_records": 1000,
                    "max_partition_fetch_bytes": 4 * 1024 * 1024}
         options.update(self.config.kafka_options)
+        if self.config.group_instance_id and not self.config.marker:
+            options["group_instance_id"] = self.config.group_instance_id
         options.update(bootstrap_servers=list(self.config.bootstrap_servers),
                        group_id=self.config.group_id,
                        auto_offset_reset=self.config.auto_offset_reset,
@@ -797,19 +998,50 @@ class Spout:
 
         self.consumer.subscribe(list(self.config.topics), listener=Listener())
 
+    def assign(self) -> None:
+        """Marker mode: every partition of the topics, resumed where the marker says.
+
+        A spout runs as one worker, so there is no group to share partitions with; called
+        again now and then, this picks up partitions added to the topics later.
+        """
+        from kafka import TopicPartition
+        wanted = {TopicPartition(topic, partition) for topic in self.config.topics
+                  for partition in self.consumer.partitions_for_topic(topic) or ()}
+        new = wanted - self.assigned
+        if not new:
+            return
+        self.consumer.assign(sorted(wanted))
+        for tp in sorted(new):
+            resume_at = self.marker_positions.get((tp.topic, tp.partition))
+            if resume_at is not None:
+                self.consumer.seek(tp, resume_at)
+            # Not in the marker: the group's committed offset, else AUTO_OFFSET_RESET.
+            self.positions[tp] = self.consumer.position(tp, timeout_ms=10_000)
+        self.assigned = wanted
+        log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}@{self.positions[tp]}"
+                                          for tp in sorted(new)))
+
     def on_revoked(self, revoked: set) -> None:
-        # No commits here: kafka-python forbids blocking calls in rebalance callbacks. What
-        # was not delivered yet is re-read by the partition's next owner.
+        """Drops the batched messages of revoked partitions: not written yet, so whoever owns
+        a partition next reads them again from the committed offset.
+
+        No commits here (kafka-python forbids blocking calls in rebalance callbacks), and
+        a partition may come straight back to this spout with its position kept: so the
+        position goes back to the first dropped message, and offsets of archives already
+        written stay, to be committed if the partition is still ours then.
+        """
         if revoked:
             log.info("revoked %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
-        self.batch.drop(revoked)
-        self.delivery.forget(revoked)
-        for tp in revoked:
-            self.uncommitted.pop(tp, None)
+        for tp, offset in self.batch.drop(revoked).items():
+            self.consumer.seek(tp, offset)
 
     def commit(self, timeout_ms: int = 2000, final: bool = False) -> None:
         for offsets in self.delivery.poll():
             self.uncommitted.update(offsets)
+        if not self.config.marker and self.uncommitted:
+            owned = self.consumer.assignment()
+            for tp in [tp for tp in self.uncommitted if tp not in owned]:
+                del self.uncommitted[tp]  # moved to another spout, which commits it now
         if not self.uncommitted or (time.monotonic() < self.next_commit and not final):
             return
         from kafka.structs import OffsetAndMetadata
@@ -864,13 +1096,20 @@ class Spout:
         batch, self.batch = self.batch, Batch()
         if not batch.records:
             return
-        archive = encode_archive(batch.members)
+        members = batch.members
+        if self.config.marker and members:
+            # Last in the archive: a reader that streams puts (1.8-1.10) stores the marker
+            # only after every file before it.
+            self.positions.update(batch.offsets)
+            members = members + [(self.config.marker,
+                                  encode_marker(self.config.topics, self.positions), 0)]
+        archive = encode_archive(members)
         self.delivery.send(archive, batch.offsets, deadline)
-        if archive.members:
+        if batch.members:
             self.stats.archives += 1
-            self.stats.messages += archive.members
+            self.stats.messages += len(batch.members)
             self.stats.bytes += batch.data_bytes
-            log.debug("archive of %d file(s), %d bytes, offsets %s", archive.members,
+            log.debug("archive of %d file(s), %d bytes, offsets %s", len(batch.members),
                       archive.size, {f"{tp.topic}/{tp.partition}": offset
                                      for tp, offset in batch.offsets.items()})
 
@@ -884,14 +1123,27 @@ class Spout:
         if not self.connect():
             log.info("stopped before Kafka was reachable")
             return 0
-        self.subscribe()
+        if self.config.marker:
+            self.assign()
+        else:
+            self.subscribe()
         next_stats = time.monotonic() + STATS_INTERVAL
+        next_partition_check = time.monotonic() + PARTITION_CHECK_INTERVAL
         next_health_check = time.monotonic() + HEALTH_CHECK_INTERVAL
         from kafka.errors import KafkaError
         try:
             while not self.stop.is_set():
                 timeout = min(max(self.batch_due_in(), 0.0), 0.5)
                 try:
+                    if self.config.marker and (not self.assigned or
+                                               time.monotonic() >= next_partition_check):
+                        next_partition_check = time.monotonic() + PARTITION_CHECK_INTERVAL
+                        self.assign()
+                    if self.config.marker and not self.assigned:
+                        log.warning("topics %s have no partitions yet; waiting",
+                                    ",".join(self.config.topics))
+                        self.stop.wait(PARTITION_CHECK_INTERVAL / 6)
+                        continue
                     records = self.consumer.poll(timeout_ms=int(timeout * 1000))
                 except KafkaError as error:
                     log.warning("polling %s failed (%s: %s); retrying",
@@ -905,6 +1157,7 @@ class Spout:
                     self.add(records)
                 if self.batch.records and self.batch_due_in() <= 0:
                     self.flush()
+                self.delivery.check_reader()
                 self.commit()
                 if time.monotonic() >= next_health_check:
                     self.check_connection()
@@ -955,6 +1208,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"spout.py: error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    try:
+        marker = read_marker(config.marker_path) if config.marker else None
+    except MarkerError as error:
+        print(f"spout.py: error: MARKER: {error}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def request_stop(signum, _frame):
@@ -964,7 +1222,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     log.info("starting: %s", config.describe())
-    return Spout(config, stop).run()
+    return Spout(config, stop, marker).run()
 
 
 if __name__ == "__main__":

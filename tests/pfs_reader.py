@@ -22,6 +22,7 @@ import json
 import os
 import posixpath
 import random
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -201,7 +202,11 @@ class PfsReader:
     def __init__(self, pipe: str, generation: str = "g3", overwrite: bool = False,
                  marker: str | None = None, commit_delay: float = 0.0,
                  pause: tuple[float, float] = (0.0, 0.0), seed: int | None = None,
-                 materialize: str | None = None):
+                 materialize: str | None = None, keep_open: bool = False):
+        """keep_open: hold a write end too, as the worker does, so that a spout's death is
+        no end of stream: a torn archive is continued by the next spout's bytes. A tar error
+        then restarts the "user code": the double swaps in a fresh FIFO and counts a restart;
+        the harness kills the spout and starts another."""
         assert generation in ("g1", "g2", "g3")
         self.pipe = pipe
         self.generation = generation
@@ -211,6 +216,8 @@ class PfsReader:
         self.pause = pause
         self.random = random.Random(seed)
         self.materialize = materialize
+        if materialize:
+            os.makedirs(materialize, exist_ok=True)
         self.lock = threading.Lock()
         self.files: dict[str, bytes] = {}
         self.commits: list[Commit] = []
@@ -219,6 +226,9 @@ class PfsReader:
         self.invalid_paths: list[str] = []
         self.wedged = False
         self.reopens = 0
+        self.restarts = 0
+        self.keep_open = keep_open
+        self._keeper: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -231,6 +241,9 @@ class PfsReader:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        if self._keeper is not None:
+            os.close(self._keeper)
+            self._keeper = None
         # A reader blocked in open() or read() is woken by a writer that opens and closes.
         try:
             fd = os.open(self.pipe, os.O_WRONLY | os.O_NONBLOCK)
@@ -261,6 +274,12 @@ class PfsReader:
         while True:
             if self._stop.is_set():
                 raise _Stopping()
+            if self.keep_open:
+                fd = os.open(self.pipe, os.O_RDONLY | os.O_NONBLOCK)
+                self._keeper = os.open(self.pipe, os.O_WRONLY | os.O_NONBLOCK)
+                os.set_blocking(fd, True)
+                self.reopens += 1
+                return StreamReader(fd)
             fd = os.open(self.pipe, os.O_RDONLY)  # blocks until a writer opens
             if self._stop.is_set():
                 os.close(fd)
@@ -327,6 +346,12 @@ class PfsReader:
                 # The worker kills the user code and starts over with a fresh pipe.
                 self.tar_errors.append(str(error))
                 os.close(stream.fd)
+                if self._keeper is not None:
+                    os.close(self._keeper)
+                    self._keeper = None
+                os.unlink(self.pipe)
+                os.mkfifo(self.pipe)
+                self.restarts += 1
                 stream = self._open()
                 continue
             bad = [m.name for m in members if clean_path(m.name)[1]]
@@ -366,12 +391,17 @@ class PfsReader:
                     self.files[path] = self.files.get(path, b"") + data
             self.commits.append(commit)
         if self.materialize and commit.puts:
-            root = os.path.join(self.materialize, f"commit-{commit.number:04d}")
+            # Built aside, then renamed: a reader killed mid-commit leaves no half commit.
+            number = len([name for name in os.listdir(self.materialize)
+                          if name.startswith("commit-")]) + 1
+            building = os.path.join(self.materialize, f".building-{number:04d}")
+            shutil.rmtree(building, ignore_errors=True)
             for path, data in commit.puts:
-                target = os.path.join(root, path.lstrip("/"))
+                target = os.path.join(building, path.lstrip("/"))
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 with open(target, "ab") as out:
                     out.write(data)
+            os.rename(building, os.path.join(self.materialize, f"commit-{number:04d}"))
 
     def _write_marker(self, data: bytes) -> None:
         target = os.path.join(os.path.dirname(self.pipe), self.marker)
@@ -385,6 +415,21 @@ class _Stopping(Exception):
     pass
 
 
+def load_materialized(root: str, overwrite: bool) -> dict[str, bytes]:
+    """The repo's files rebuilt from materialised commits, applied in order."""
+    files: dict[str, bytes] = {}
+    for commit in sorted(name for name in os.listdir(root) if name.startswith("commit-")):
+        base = os.path.join(root, commit)
+        for folder, _, names in os.walk(base):
+            for name in names:
+                full = os.path.join(folder, name)
+                path = "/" + os.path.relpath(full, base)
+                with open(full, "rb") as data:
+                    content = data.read()
+                files[path] = content if overwrite else files.get(path, b"") + content
+    return files
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pipe")
@@ -394,11 +439,16 @@ def main() -> None:
     parser.add_argument("--commit-delay", type=float, default=0.0)
     parser.add_argument("--materialize", help="write each commit under DIR/commit-NNNN/")
     parser.add_argument("--summary", help="write a JSON summary here when stopped")
+    parser.add_argument("--keep-open", action="store_true",
+                        help="hold a write end too, as the worker does")
     args = parser.parse_args()
-    if not os.path.exists(args.pipe):
-        os.mkfifo(args.pipe)
+    # A (re)started worker makes a fresh FIFO before the user code starts.
+    if os.path.exists(args.pipe):
+        os.unlink(args.pipe)
+    os.mkfifo(args.pipe)
     reader = PfsReader(args.pipe, args.generation, args.overwrite, args.marker,
-                       args.commit_delay, materialize=args.materialize)
+                       args.commit_delay, materialize=args.materialize,
+                       keep_open=args.keep_open)
     import signal
     signal.signal(signal.SIGTERM, lambda *_: reader._stop.set())
     reader.start()

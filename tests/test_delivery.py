@@ -105,7 +105,8 @@ def test_tombstones_alone_are_committed_without_waiting(fifo, delivery):
 
 
 def test_a_broken_pipe_sends_every_unfinished_archive_again_whole_and_in_order(fifo, delivery):
-    a, b, c = archive("a", 2000), archive("b", 400_000), archive("c", 400_000)
+    # b and c are larger than the pipe (1 MiB at most): the writer must wait for the reader.
+    a, b, c = archive("a", 2000), archive("b", 1_500_000), archive("c", 1_500_000)
     first = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     delivery.send(a, {"p": 1})
     thread, outcome = in_thread(lambda: (delivery.send(b, {"p": 2}), delivery.send(c, {"p": 3})))
@@ -122,7 +123,7 @@ def test_a_broken_pipe_sends_every_unfinished_archive_again_whole_and_in_order(f
         assert reader.tar_errors == []
         assert [sorted(path for path, _ in commit.puts) for commit in reader.commits] == \
             [["/b/data"], ["/c/data"]]
-        assert reader.snapshot() == {"/b/data": b"b" * 400_000, "/c/data": b"c" * 400_000}
+        assert reader.snapshot() == {"/b/data": b"b" * 1_500_000, "/c/data": b"c" * 1_500_000}
         # a was read to its end before the reader went: it is not sent again.
         assert delivery.poll(final=True) == [{"p": 1}, {"p": 2}, {"p": 3}]
     finally:
@@ -152,3 +153,48 @@ def test_a_reader_that_stops_reading_is_abandoned_at_the_deadline(fifo, delivery
         assert delivery.poll(final=True) == []
     finally:
         os.close(fd)
+
+
+def test_a_reader_that_reopens_the_same_pipe_between_archives_gets_the_rest_whole(fifo,
+                                                                                 delivery):
+    """The 1.8-1.10 pattern: read one archive, close, open again. Nothing is written twice."""
+    a, b = archive("a", 2000), archive("b", 1_500_000)
+    first = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    delivery.send(a, {"p": 1})
+    thread, outcome = in_thread(delivery.send, b, {"p": 2})
+    wait_until(lambda: delivery.pipe.written > a.size + 1000, 5, "b to be under way")
+    os.set_blocking(first, True)
+    read_exactly(first, a.size)  # exactly a, then the reader goes away and comes back
+    os.close(first)
+    time.sleep(0.02)  # the reader's commit: the writer must see it gone, and wait
+    second = os.open(fifo, os.O_RDONLY)
+    try:
+        assert read_exactly(second, b.size) == raw(b)
+        thread.join(5)
+        assert not thread.is_alive() and "error" not in outcome
+        assert delivery.broken_pipes == 0
+        assert delivery.poll(final=True) == [{"p": 1}, {"p": 2}]
+    finally:
+        delivery.pipe.close()
+        os.close(second)
+
+
+def test_archives_left_for_a_reader_that_never_returns_go_to_the_next_fifo(fifo, delivery):
+    """A restarted worker makes a fresh FIFO: what waited in the old one is written again."""
+    old_reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    delivery.send(archive("a", 100), {"p": 1})
+    delivery.send(archive("b", 100), {"p": 2})
+    os.close(old_reader)
+    os.unlink(fifo)
+    os.mkfifo(fifo)
+    reader = PfsReader(str(fifo), "g3").start()
+    try:
+        delivery.check_reader()
+        assert delivery.broken_pipes == 0  # gone for a moment only, so far
+        wait_until(lambda: (delivery.check_reader(), delivery.broken_pipes)[1], 5,
+                   "the writer to give up on the old FIFO")
+        wait_until(lambda: len(reader.commits) == 2, 5, "both archives in the new FIFO")
+        assert reader.snapshot() == {"/a/data": b"a" * 100, "/b/data": b"b" * 100}
+    finally:
+        delivery.pipe.close()
+        reader.stop()

@@ -1104,7 +1104,9 @@ class Spout:
             members = members + [(self.config.marker,
                                   encode_marker(self.config.topics, self.positions), 0)]
         archive = encode_archive(members)
-        self.delivery.send(archive, batch.offsets, deadline)
+        # Marker mode commits the group every partition's position, idle ones too, for lag.
+        offsets = dict(self.positions) if self.config.marker else batch.offsets
+        self.delivery.send(archive, offsets, deadline)
         if batch.members:
             self.stats.archives += 1
             self.stats.messages += len(batch.members)
@@ -1128,7 +1130,10 @@ class Spout:
         else:
             self.subscribe()
         next_stats = time.monotonic() + STATS_INTERVAL
-        next_partition_check = time.monotonic() + PARTITION_CHECK_INTERVAL
+        # New partitions show up in kafka-python's metadata, refreshed this often.
+        partition_check_interval = min(PARTITION_CHECK_INTERVAL, self.consumer.config.get(
+            "metadata_max_age_ms", 300_000) / 1000)
+        next_partition_check = time.monotonic() + partition_check_interval
         next_health_check = time.monotonic() + HEALTH_CHECK_INTERVAL
         from kafka.errors import KafkaError
         try:
@@ -1137,12 +1142,12 @@ class Spout:
                 try:
                     if self.config.marker and (not self.assigned or
                                                time.monotonic() >= next_partition_check):
-                        next_partition_check = time.monotonic() + PARTITION_CHECK_INTERVAL
+                        next_partition_check = time.monotonic() + partition_check_interval
                         self.assign()
                     if self.config.marker and not self.assigned:
                         log.warning("topics %s have no partitions yet; waiting",
                                     ",".join(self.config.topics))
-                        self.stop.wait(PARTITION_CHECK_INTERVAL / 6)
+                        self.stop.wait(min(partition_check_interval, 5.0))
                         continue
                     records = self.consumer.poll(timeout_ms=int(timeout * 1000))
                 except KafkaError as error:

@@ -137,3 +137,17 @@ def test_a_dangling_link_is_named(base, tmp_path):
     result = run_spout({**base, "OUTPUT_PIPE": str(link)})
     assert result.returncode == 2
     assert f"OUTPUT_PIPE: {link} is a dangling link" in result.stderr
+
+
+def test_consumer_options_keep_the_spout_in_charge_of_offsets(base):
+    import threading
+    config = spout.Config.from_sources({**base, "GROUP_INSTANCE_ID": "landing-1",
+                                        "KAFKA_MAX_POLL_RECORDS": "50"})
+    options = spout.Spout(config, threading.Event()).consumer_options()
+    assert options["enable_auto_commit"] is False
+    assert options["group_instance_id"] == "landing-1"
+    assert options["max_poll_records"] == 50
+    assert options["bootstrap_servers"] == ["kafka:9092"] and options["group_id"] == "kafka-spout"
+    marker_mode = spout.Config.from_sources({**base, "GROUP_INSTANCE_ID": "x", "MARKER": "m"})
+    assert "group_instance_id" not in spout.Spout(marker_mode, threading.Event()) \
+        .consumer_options()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import base64
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -121,6 +123,14 @@ def parse_choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def parse_topic_pattern(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise ValueError(f"{text!r} is not a regular expression ({error})") from None
+    return text
+
+
 def parse_marker_name(text: str) -> str:
     name = text.strip()
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,99}", name):
@@ -161,7 +171,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BOOTSTRAP_SERVERS", "bootstrap_servers", parse_bootstrap_servers, None,
             "comma-separated host:port list; wins over HOST/PORT"),
     Setting("TOPIC", "topics", parse_topics, None,
-            "topic, or comma-separated topics (required)"),
+            "topic, or comma-separated topics (this or TOPIC_PATTERN is required)"),
+    Setting("TOPIC_PATTERN", "topic_pattern", lambda text: parse_topic_pattern(text), None,
+            "regular expression over whole topic names; new matches are picked up"),
+    Setting("FORMAT", "format", parse_choice("raw", "json", "raw+meta"), "raw",
+            "raw (the value), json (value and metadata), raw+meta (value + .meta.json)"),
+    Setting("TOMBSTONES", "tombstones", parse_choice("skip", "keep"), "skip",
+            "null values: skip, or keep as records with value null (json, raw+meta)"),
     Setting("OUTPUT_PIPE", "output_pipe", parse_nonempty, "/pfs/out",
             "the named pipe Pachyderm reads"),
     Setting("GROUP_ID", "group_id", parse_nonempty, None,
@@ -234,8 +250,11 @@ def is_secret_option(name: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    bootstrap_servers: tuple[str, ...]
-    topics: tuple[str, ...]
+    bootstrap_servers: tuple[str, ...] = ()
+    topics: tuple[str, ...] = ()
+    topic_pattern: str | None = None
+    format: str = "raw"
+    tombstones: str = "skip"
     output_pipe: str = "/pfs/out"
     group_id: str = "kafka-spout"
     auto_offset_reset: str = "earliest"
@@ -277,8 +296,13 @@ class Config:
                 raise ConfigError(missing, "required (or set BOOTSTRAP_SERVERS)")
             address = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
             values["bootstrap_servers"] = (address,)
-        if "topics" not in values:
-            raise ConfigError("TOPIC", "required")
+        if "topics" in values and "topic_pattern" in values:
+            raise ConfigError("TOPIC_PATTERN", "set TOPIC or TOPIC_PATTERN, not both")
+        if "topics" not in values and "topic_pattern" not in values:
+            raise ConfigError("TOPIC", "required (or set TOPIC_PATTERN)")
+        if values.get("tombstones") == "keep" and values.get("format", "raw") == "raw":
+            raise ConfigError("TOMBSTONES", "keep needs FORMAT=json or raw+meta: a raw file "
+                              "cannot tell a null value from an empty one")
         if "group_id" not in values:
             values["group_id"] = environ.get("PPS_PIPELINE_NAME") or "kafka-spout"
         values["kafka_options"] = MappingProxyType(
@@ -296,6 +320,12 @@ class Config:
         if not self.marker:
             return None
         return os.path.join(os.path.dirname(self.output_pipe), self.marker)
+
+    def wants_topic(self, topic: str) -> bool:
+        if self.topic_pattern is not None:
+            return re.fullmatch(self.topic_pattern, topic) is not None and not (
+                self.marker and topic.startswith(self.marker))
+        return topic in self.topics
 
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
@@ -317,6 +347,16 @@ def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> d
         if not sep:
             raise ConfigError("--kafka", f"{flag!r} is not OPTION=VALUE")
         raw[name.strip().lower().replace("-", "_")] = (f"--kafka {name.strip()}", text)
+    for name in [n for n in raw if n.endswith("_file") and n[:-5] in defaults]:
+        # KAFKA_<OPTION>_FILE: the value is in a file, as Pachyderm mounts secrets.
+        source, path = raw.pop(name)
+        if name[:-5] in raw:
+            raise ConfigError(source, f"set {raw[name[:-5]][0]} or {source}, not both")
+        try:
+            with open(path, encoding="utf-8") as secret:
+                raw[name[:-5]] = (source, secret.read().rstrip("\r\n"))
+        except OSError as error:
+            raise ConfigError(source, f"cannot read {path}: {error.strerror}") from None
     options: dict[str, object] = {}
     for name, (source, text) in sorted(raw.items()):
         if name in _OWNED_KAFKA_OPTIONS:
@@ -327,13 +367,39 @@ def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> d
             options[name] = parse_kafka_option(name, text, defaults)
         except ValueError as error:
             raise ConfigError(source, describe_value_error(error, text)) from None
+        if name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile") and \
+                not os.path.isfile(text):
+            raise ConfigError(source, f"{text} is not a readable file")
+    check_security(options)
     return options
+
+
+_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
+
+
+def check_security(options: Mapping[str, object]) -> None:
+    """What kafka-python would only find out at its first connection."""
+    protocol = options.get("security_protocol", "PLAINTEXT")
+    if protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+        raise ConfigError("KAFKA_SECURITY_PROTOCOL", f"{protocol!r} is not PLAINTEXT, SSL, "
+                          "SASL_PLAINTEXT or SASL_SSL")
+    if not str(protocol).startswith("SASL"):
+        return
+    mechanism = options.get("sasl_mechanism")
+    if mechanism not in _SASL_MECHANISMS:
+        raise ConfigError("KAFKA_SASL_MECHANISM", f"{protocol} needs one of "
+                          f"{', '.join(_SASL_MECHANISMS)}, not {mechanism!r}")
+    if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        for option in ("sasl_plain_username", "sasl_plain_password"):
+            if not options.get(option):
+                raise ConfigError(f"KAFKA_{option.upper()}", f"required with {mechanism} "
+                                  f"(or KAFKA_{option.upper()}_FILE)")
 
 
 def check_marker_is_apart(config: Config) -> None:
     """Pachyderm diverts every member whose path starts with the marker's name."""
     template = NameTemplate(config.name_template)
-    for topic in config.topics:
+    for topic in config.topics or ("t",):
         for key in (config.marker.encode(), b"k"):
             name = template.render(topic, 0, 0, key, 0)
             if name.lstrip("/").startswith(config.marker):
@@ -378,7 +444,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- naming
 
-NAME_TOKENS = ("topic", "partition", "offset", "key", "timestamp")
+NAME_TOKENS = ("topic", "partition", "offset", "key", "timestamp", "date", "hour",
+               "key_hash")
 DEFAULT_NAME_TEMPLATE = "{topic}/{partition}/{offset:020d}"
 PFS_FORBIDDEN = frozenset("*?[]{}!()@+^")
 # Keys longer than this (once encoded) are cut and suffixed with a hash: downstream pipelines
@@ -404,7 +471,6 @@ def encode_component(raw: bytes | str | None) -> str:
     if not encoded.strip("."):
         encoded = "".join(f"%{ord(c):02X}" for c in encoded)
     if len(encoded) > MAX_COMPONENT:
-        import hashlib
         data = raw.encode() if isinstance(raw, str) else bytes(raw)
         digest = hashlib.sha256(data).hexdigest()[:32]
         encoded = encoded[:MAX_COMPONENT - 34] + "%~" + digest
@@ -447,6 +513,8 @@ class NameTemplate:
         if not used:
             raise ValueError("must use at least one token, e.g. {offset}")
         self.uses_key = "key" in used
+        self.uses_time = bool(used & {"date", "hour"})
+        self.uses_key_hash = "key_hash" in used
         self._format = self.template.format
         self._topic_cache: dict[str, str] = {}
         for sample in ((0, 0, b"k", 0), (2**31 - 1, 2**63 - 1, b"k" * 300, 2**41)):
@@ -463,9 +531,21 @@ class NameTemplate:
         encoded_topic = self._topic_cache.get(topic)
         if encoded_topic is None:
             encoded_topic = self._topic_cache[topic] = encode_component(topic)
+        extra = {}
+        if self.uses_time:
+            day = time.gmtime(max(timestamp, 0) // 1000)
+            extra["date"] = "%04d-%02d-%02d" % (day.tm_year, day.tm_mon, day.tm_mday)
+            extra["hour"] = "%02d" % day.tm_hour
+        if self.uses_key_hash:
+            extra["key_hash"] = key_hash(key)
         return self._format(topic=encoded_topic, partition=partition, offset=offset,
                             key=encode_component(key) if self.uses_key else "",
-                            timestamp=timestamp)
+                            timestamp=timestamp, **extra)
+
+
+def key_hash(key: bytes | None) -> str:
+    """16 hex digits of the key's SHA-256; "null" for no key (never hex)."""
+    return "null" if key is None else hashlib.sha256(key).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- encoding
@@ -480,15 +560,27 @@ _HEAD_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 
 _CHECKSUM_BASE = sum(_HEAD_MODE) + sum(_HEAD_TAIL) + 8 * ord(" ")  # chksum counts as spaces
 
 
+def _octal_field(value: int) -> tuple[bytes, int]:
+    """A 12-byte octal header field, and what it adds to the header checksum."""
+    digits = b"%011o" % value
+    return digits + b"\x00", sum(digits)
+
+
+_mtime_field = _octal_field(0)
+_mtime_field_of = 0
+
+
 def member_header(name: str, size: int, mtime: int = 0) -> bytes:
     """A tar header for a regular file; PAX records when the name or size needs them."""
+    global _mtime_field, _mtime_field_of
     name_bytes = name.encode("ascii") if name.isascii() else b""
     if 0 < len(name_bytes) <= 100 and size <= _MAX_USTAR_SIZE and 0 <= mtime <= _MAX_USTAR_SIZE:
-        size_field = b"%011o" % size
-        mtime_field = b"%011o" % mtime
-        checksum = _CHECKSUM_BASE + sum(name_bytes) + sum(size_field) + sum(mtime_field)
-        return b"".join((name_bytes.ljust(100, b"\x00"), _HEAD_MODE, size_field, b"\x00",
-                         mtime_field, b"\x00", b"%06o\x00 " % checksum, _HEAD_TAIL))
+        if mtime != _mtime_field_of:  # messages of a batch mostly share their second
+            _mtime_field, _mtime_field_of = _octal_field(mtime), mtime
+        size_field = b"%011o\x00" % size
+        checksum = _CHECKSUM_BASE + sum(name_bytes) + sum(size_field) + _mtime_field[1]
+        return b"".join((name_bytes.ljust(100, b"\x00"), _HEAD_MODE, size_field,
+                         _mtime_field[0], b"%06o\x00 " % checksum, _HEAD_TAIL))
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, max(mtime, 0), 0o644
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
@@ -508,19 +600,22 @@ def encode_archive(members: Iterable[tuple[str, bytes, int]]) -> Archive:
     further archives.
     """
     parts: list = []
+    append = parts.append
     size = count = 0
     for name, data, mtime in members:
-        header = member_header(name, len(data), mtime)
-        parts.append(header)
-        size += len(header) + len(data)
-        if data:
-            parts.append(data)
-        padding = -len(data) % BLOCK
-        if padding:
-            parts.append(_ZEROS[:padding])
-            size += padding
+        length = len(data)
+        header = member_header(name, length, mtime)
+        append(header)
+        if length:
+            append(data)
+            padding = -length % BLOCK
+            if padding:
+                append(_ZEROS[:padding])
+            size += len(header) + length + padding
+        else:
+            size += len(header)
         count += 1
-    parts.append(END_OF_ARCHIVE)
+    append(END_OF_ARCHIVE)
     return Archive(parts, size + len(END_OF_ARCHIVE), count)
 
 
@@ -570,6 +665,47 @@ def read_marker(path: str) -> tuple[list[str], dict[tuple[str, int], int]] | Non
     except ValueError as error:
         raise MarkerError(f"{path}: {error}; remove it (pachctl update pipeline "
                           "--reprocess resets it) only if starting over is intended") from None
+
+
+TIMESTAMP_TYPES = {0: "CreateTime", 1: "LogAppendTime"}
+
+
+def json_bytes(data: bytes | None) -> str | dict | None:
+    """Bytes for a JSON document: text if they are UTF-8, else {"base64": "..."}."""
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(data).decode("ascii")}
+
+
+def record_metadata(record) -> dict:
+    return {"topic": record.topic, "partition": record.partition, "offset": record.offset,
+            "timestamp": record.timestamp,
+            "timestamp_type": TIMESTAMP_TYPES.get(record.timestamp_type),
+            "key": json_bytes(record.key),
+            "headers": [[name, json_bytes(value)] for name, value in record.headers or ()]}
+
+
+def as_json_file(name: str, record, mtime: int) -> list[tuple[str, bytes, int]]:
+    """FORMAT=json: one file holding the metadata and the value."""
+    document = record_metadata(record)
+    document["value"] = json_bytes(record.value)
+    return [(name, json.dumps(document, ensure_ascii=False).encode(), mtime)]
+
+
+def as_raw_and_sidecar(name: str, record, mtime: int) -> list[tuple[str, bytes, int]]:
+    """FORMAT=raw+meta: the value's bytes, and <name>.meta.json beside them."""
+    metadata = record_metadata(record)
+    if record.value is None:
+        metadata["value"] = None  # a kept tombstone: the file itself is empty
+    return [(name, record.value or b"", mtime),
+            (name + ".meta.json", json.dumps(metadata, ensure_ascii=False).encode(), mtime)]
+
+
+FORMATS: dict[str, Callable | None] = {"raw": None, "json": as_json_file,
+                                       "raw+meta": as_raw_and_sidecar}
 
 
 # --------------------------------------------------------------------------- delivery
@@ -681,23 +817,23 @@ class PipeWriter:
             raise Stopped("the pipe holds a half-written archive")
         if self.fd is None:
             self.open(deadline)
+        total = sum(map(len, parts)) - skip
+        if not skip and self._wait_for_room(total, deadline):
+            # One write that fits the pipe lands whole or not at all: a crash cannot leave
+            # half an archive for the next spout's bytes to continue.
+            if len(parts) > _IOV_MAX:
+                parts = [b"".join(parts)]
+            sent = os.writev(self.fd, parts)
+            self.written += sent
+            if sent == total:
+                return
+            parts, skip = [b"".join(parts)], sent
         views = [memoryview(part).cast("B") for part in parts if len(part)]
         while skip:
             if skip >= len(views[0]):
                 skip -= len(views.pop(0))
             else:
                 views[0], skip = views[0][skip:], 0
-        total = sum(map(len, views))
-        if self._wait_for_room(total, deadline):
-            # One write that fits the pipe lands whole or not at all: a crash cannot leave
-            # half an archive for the next spout's bytes to continue.
-            if len(views) > _IOV_MAX:
-                views = [memoryview(b"".join(views))]
-            sent = os.writev(self.fd, views)
-            self.written += sent
-            if sent == total:
-                return
-            views = [memoryview(b"".join(views))[sent:]]
         index = 0
         poller = select.poll()
         poller.register(self.fd, select.POLLOUT)
@@ -879,18 +1015,6 @@ class Batch:
         self.records = 0
         self.started = 0.0
 
-    def add(self, tp, record, name: str | None) -> None:
-        if not self.records:
-            self.started = time.monotonic()
-        self.records += 1
-        self.first_offsets.setdefault(tp, record.offset)
-        self.offsets[tp] = record.offset + 1
-        if name is not None:
-            value = record.value
-            self.members.append((name, value, max(record.timestamp, 0) // 1000))
-            self.partitions.append(tp)
-            self.data_bytes += len(value)
-
     def drop(self, partitions: set) -> dict:
         """Forgets the messages of these partitions; returns where each one's began."""
         keep = [i for i, tp in enumerate(self.partitions) if tp not in partitions]
@@ -922,6 +1046,9 @@ STATS_INTERVAL = 30.0
 # SIGTERM to exit within 10 s: a poll (0.5 s) + a commit in progress (2 s) + this + close (1 s).
 SHUTDOWN_BUDGET = 6.0
 COMMIT_RETRY_SECONDS = 2.0
+# Group commits are for restarts and lag, not for delivery: once a second is plenty, and a
+# synchronous commit per archive would halve the rate on small messages.
+COMMIT_INTERVAL = 1.0
 HEALTH_CHECK_INTERVAL = 5.0
 PARTITION_CHECK_INTERVAL = 30.0
 CONNECT_BACKOFF_MAX = 30.0
@@ -938,7 +1065,8 @@ class Spout:
         # seeded from the marker Pachyderm kept.
         self.positions: dict = {}
         self.marker_positions = marker[1] if marker else {}
-        if marker and sorted(marker[0]) != sorted(config.topics):
+        self.topics = config.topics  # those consumed now: TOPIC, or TOPIC_PATTERN's matches
+        if marker and config.topics and sorted(marker[0]) != sorted(config.topics):
             log.info("the marker was written for topics %s; resuming those still configured",
                      ",".join(marker[0]))
         self.stop = stop
@@ -996,7 +1124,12 @@ class Spout:
             def on_partitions_assigned(self, assigned):
                 log.info("assigned %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 
-        self.consumer.subscribe(list(self.config.topics), listener=Listener())
+        if self.config.topic_pattern is not None:
+            # kafka-python matches from the start of the name; \Z makes it the whole name.
+            self.consumer.subscribe(pattern=f"(?:{self.config.topic_pattern})\\Z",
+                                    listener=Listener())
+        else:
+            self.consumer.subscribe(list(self.config.topics), listener=Listener())
 
     def assign(self) -> None:
         """Marker mode: every partition of the topics, resumed where the marker says.
@@ -1005,7 +1138,10 @@ class Spout:
         again now and then, this picks up partitions added to the topics later.
         """
         from kafka import TopicPartition
-        wanted = {TopicPartition(topic, partition) for topic in self.config.topics
+        if self.config.topic_pattern is not None:
+            self.topics = tuple(sorted(t for t in self.consumer.topics()
+                                       if self.config.wants_topic(t)))
+        wanted = {TopicPartition(topic, partition) for topic in self.topics
                   for partition in self.consumer.partitions_for_topic(topic) or ()}
         new = wanted - self.assigned
         if not new:
@@ -1044,6 +1180,7 @@ class Spout:
                 del self.uncommitted[tp]  # moved to another spout, which commits it now
         if not self.uncommitted or (time.monotonic() < self.next_commit and not final):
             return
+        self.next_commit = time.monotonic() + COMMIT_INTERVAL
         from kafka.structs import OffsetAndMetadata
         try:
             self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1)
@@ -1075,22 +1212,47 @@ class Spout:
 
     # -- batching
     def add(self, records: Mapping) -> None:
+        """Batches polled records, closing an archive at either limit. The hot path."""
         render = self.names.render
         limit_bytes = self.config.batch_max_bytes
+        limit_messages = self.config.batch_max_messages
+        shape = FORMATS[self.config.format]
+        keep_tombstones = self.config.tombstones == "keep"
         for tp, messages in records.items():
+            topic, partition = tp.topic, tp.partition
+            batch = self.batch
             for record in messages:
-                value = record.value
+                value, offset = record.value, record.offset
+                if value is not None and batch.members and \
+                        batch.data_bytes + len(value) > limit_bytes:
+                    self.flush()  # a message over the limit travels alone
+                    batch = self.batch
+                if not batch.records:
+                    batch.started = time.monotonic()
+                if tp not in batch.offsets:
+                    batch.first_offsets[tp] = offset
+                batch.records += 1
+                batch.offsets[tp] = offset + 1
                 if value is None:
                     self.stats.tombstones += 1
-                    self.batch.add(tp, record, None)
-                else:
-                    if self.batch.members and self.batch.data_bytes + len(value) > limit_bytes:
-                        self.flush()
-                    self.batch.add(tp, record, render(tp.topic, tp.partition, record.offset,
-                                                      record.key, record.timestamp))
-                if self.batch.records >= self.config.batch_max_messages or \
-                        self.batch.data_bytes >= limit_bytes:
+                if shape is None:
+                    if value is not None:
+                        timestamp = record.timestamp
+                        batch.members.append((render(topic, partition, offset, record.key,
+                                                     timestamp), value,
+                                              max(timestamp, 0) // 1000))
+                        batch.partitions.append(tp)
+                        batch.data_bytes += len(value)
+                elif value is not None or keep_tombstones:
+                    timestamp = record.timestamp
+                    name = render(topic, partition, offset, record.key, timestamp)
+                    for member in shape(name, record, max(timestamp, 0) // 1000):
+                        batch.members.append(member)
+                        batch.partitions.append(tp)
+                        batch.data_bytes += len(member[1])
+                if batch.records >= limit_messages or batch.data_bytes >= limit_bytes:
                     self.flush()
+                    batch = self.batch
 
     def flush(self, deadline: float | None = None) -> None:
         batch, self.batch = self.batch, Batch()
@@ -1102,14 +1264,14 @@ class Spout:
             # only after every file before it.
             self.positions.update(batch.offsets)
             members = members + [(self.config.marker,
-                                  encode_marker(self.config.topics, self.positions), 0)]
+                                  encode_marker(self.topics, self.positions), 0)]
         archive = encode_archive(members)
         # Marker mode commits the group every partition's position, idle ones too, for lag.
         offsets = dict(self.positions) if self.config.marker else batch.offsets
         self.delivery.send(archive, offsets, deadline)
         if batch.members:
             self.stats.archives += 1
-            self.stats.messages += len(batch.members)
+            self.stats.messages += batch.records
             self.stats.bytes += batch.data_bytes
             log.debug("archive of %d file(s), %d bytes, offsets %s", len(batch.members),
                       archive.size, {f"{tp.topic}/{tp.partition}": offset
@@ -1146,7 +1308,7 @@ class Spout:
                         self.assign()
                     if self.config.marker and not self.assigned:
                         log.warning("topics %s have no partitions yet; waiting",
-                                    ",".join(self.config.topics))
+                                    ",".join(self.topics) or self.config.topic_pattern)
                         self.stop.wait(min(partition_check_interval, 5.0))
                         continue
                     records = self.consumer.poll(timeout_ms=int(timeout * 1000))

@@ -61,11 +61,13 @@ def test_sizes_take_units(base):
 def test_kafka_options_are_converted_to_their_types(base):
     env = {**base, "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_CHECK_CRCS": "false",
            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_PLAIN_PASSWORD": "hunter2",
+           "KAFKA_SASL_MECHANISM": "PLAIN", "KAFKA_SASL_PLAIN_USERNAME": "spout",
            "KAFKA_API_VERSION": "2.8.0", "KAFKA_CLIENT_ID": "spout-1"}
     config = spout.Config.from_sources(env, ["--kafka", "max_poll_records=50"])
     assert dict(config.kafka_options) == {
         "session_timeout_ms": 6000, "check_crcs": False, "security_protocol": "SASL_SSL",
         "sasl_plain_password": "hunter2", "api_version": (2, 8, 0), "client_id": "spout-1",
+        "sasl_mechanism": "PLAIN", "sasl_plain_username": "spout",
         "max_poll_records": 50}
     assert "hunter2" not in config.describe()
 
@@ -92,7 +94,7 @@ def test_help_lists_every_setting_with_its_default():
 
 
 @pytest.mark.parametrize("change, args, culprit", [
-    ({"TOPIC": None}, (), "TOPIC: required"),
+    ({"TOPIC": None}, (), "TOPIC: required (or set TOPIC_PATTERN)"),
     ({"HOST": None}, (), "HOST: required"),
     ({"PORT": "http"}, (), "PORT: 'http' is not a number"),
     ({"PORT": "70000"}, (), "PORT: must be a port number"),

@@ -290,6 +290,39 @@ def spout_end_to_end(bootstrap: str, topic: str, count: int) -> dict:
     return {"msg_per_s": (count - 1) / seconds, "cpu_us_per_msg": used / (count - 1) * 1e6}
 
 
+def run_memory(backlog_mib: int = 256) -> dict:
+    """Peak RSS of spout.py, with defaults, draining a backlog of 1 MiB messages."""
+    from conftest import Tansu, create_topic, produce
+    tansu = Tansu()
+    try:
+        topic = create_topic(tansu.bootstrap, 3)
+        value = os.urandom(1024 * 1024)
+        produce(tansu.bootstrap, topic, ((i % 3, None, value) for i in range(backlog_mib)))
+        with tempfile.TemporaryDirectory() as work:
+            fifo = os.path.join(work, "out")
+            os.mkfifo(fifo)
+            reader = subprocess.Popen([sys.executable, __file__, "_drain", fifo,
+                                       str(backlog_mib), "offsets"], stdout=subprocess.PIPE,
+                                      text=True)
+            env = dict(os.environ, BOOTSTRAP_SERVERS=tansu.bootstrap, TOPIC=topic,
+                       OUTPUT_PIPE=fifo, MARKER="offsets", LOG_LEVEL="WARNING")
+            process = subprocess.Popen([sys.executable, str(ROOT / "spout.py")], env=env)
+            try:
+                reader.stdout.readline()
+                reader.stdout.readline()  # "done": the whole backlog went through
+                with open(f"/proc/{process.pid}/status") as status:
+                    fields = dict(line.split(":", 1) for line in status)
+                peak = int(fields["VmHWM"].split()[0]) / 1024
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+                reader.communicate(timeout=30)
+    finally:
+        tansu.stop()
+    return {"backlog_mib": backlog_mib, "peak_rss_mib": peak,
+            "limit_mib": 3 * 16 + 150}
+
+
 def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -353,6 +386,7 @@ def main() -> None:
                                                       for r in e2e),
             "rate_ratio": statistics.median(r["rate_ratio"] for r in e2e),
             "cpu_ratio": statistics.median(r["cpu_ratio"] for r in e2e)}
+        results["memory"] = run_memory(64 if args.quick else 256)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
 
@@ -375,6 +409,10 @@ def print_table(results: dict) -> None:
               f"{e2e['spout_cpu_us_per_msg']:.1f} us/msg; bare consumer "
               f"{e2e['bare_msg_per_s']:,.0f} msg/s {e2e['bare_cpu_us_per_msg']:.1f} us/msg; "
               f"rate {e2e['rate_ratio']:.2f}x, CPU {e2e['cpu_ratio']:.2f}x")
+    memory = results.get("memory")
+    if memory:
+        print(f"memory, defaults, backlog of {memory['backlog_mib']} x 1 MiB: peak RSS "
+              f"{memory['peak_rss_mib']:.0f} MiB (target at most {memory['limit_mib']} MiB)")
 
 
 if __name__ == "__main__":

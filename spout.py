@@ -500,7 +500,9 @@ class NameTemplate:
         except ValueError as error:
             raise ValueError(f"{self.template!r}: {error}") from None
         used = set()
+        positional = []  # the template again, with tokens by position: faster to format
         for literal, field, spec, conversion in fields:
+            positional.append(literal.replace("{", "{{").replace("}", "}}"))
             if field is None:
                 continue
             if field not in NAME_TOKENS:
@@ -510,12 +512,13 @@ class NameTemplate:
             if "{" in (spec or ""):
                 raise ValueError("nested fields in format specs are not supported")
             used.add(field)
+            positional.append("{%d%s}" % (NAME_TOKENS.index(field), f":{spec}" if spec else ""))
         if not used:
             raise ValueError("must use at least one token, e.g. {offset}")
         self.uses_key = "key" in used
         self.uses_time = bool(used & {"date", "hour"})
         self.uses_key_hash = "key_hash" in used
-        self._format = self.template.format
+        self._format = "".join(positional).format
         self._topic_cache: dict[str, str] = {}
         for sample in ((0, 0, b"k", 0), (2**31 - 1, 2**63 - 1, b"k" * 300, 2**41)):
             try:
@@ -531,16 +534,16 @@ class NameTemplate:
         encoded_topic = self._topic_cache.get(topic)
         if encoded_topic is None:
             encoded_topic = self._topic_cache[topic] = encode_component(topic)
-        extra = {}
+        if not (self.uses_key or self.uses_time or self.uses_key_hash):
+            return self._format(encoded_topic, partition, offset, "", timestamp)
+        date = hour = ""
         if self.uses_time:
             day = time.gmtime(max(timestamp, 0) // 1000)
-            extra["date"] = "%04d-%02d-%02d" % (day.tm_year, day.tm_mon, day.tm_mday)
-            extra["hour"] = "%02d" % day.tm_hour
-        if self.uses_key_hash:
-            extra["key_hash"] = key_hash(key)
-        return self._format(topic=encoded_topic, partition=partition, offset=offset,
-                            key=encode_component(key) if self.uses_key else "",
-                            timestamp=timestamp, **extra)
+            date = "%04d-%02d-%02d" % (day.tm_year, day.tm_mon, day.tm_mday)
+            hour = "%02d" % day.tm_hour
+        return self._format(encoded_topic, partition, offset,
+                            encode_component(key) if self.uses_key else "", timestamp, date,
+                            hour, key_hash(key) if self.uses_key_hash else "")
 
 
 def key_hash(key: bytes | None) -> str:
@@ -1358,9 +1361,20 @@ class Spout:
 
 # --------------------------------------------------------------------------- main
 
+class OneLineFormatter(logging.Formatter):
+    """kafka-python logs connection errors with their tracebacks: keep one line each."""
+
+    def formatException(self, exc_info) -> str:
+        return f"  ({exc_info[0].__name__}: {exc_info[1]})"
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " ")
+
+
 def configure_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     log.setLevel(level)
 
 

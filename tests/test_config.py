@@ -153,3 +153,21 @@ def test_consumer_options_keep_the_spout_in_charge_of_offsets(base):
     marker_mode = spout.Config.from_sources({**base, "GROUP_INSTANCE_ID": "x", "MARKER": "m"})
     assert "group_instance_id" not in spout.Spout(marker_mode, threading.Event()) \
         .consumer_options()
+
+
+def test_logged_errors_stay_on_one_line_without_tracebacks():
+    import io
+    import logging
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(spout.OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("kafka.test-one-line")
+    logger.addHandler(handler)
+    try:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    except ConnectionResetError:
+        logger.error("Error receiving data", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == ("ERROR kafka.test-one-line: Error receiving data   "
+                                 "(ConnectionResetError: [Errno 104] Connection reset by peer)\n")

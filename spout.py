@@ -1061,8 +1061,7 @@ class Spout:
     """Consumes, batches, delivers, then commits: offsets move only after delivery."""
 
     def __init__(self, config: Config, stop: threading.Event,
-                 marker: tuple[list[str], dict] | None = None,
-                 consumer_factory: Callable[..., object] | None = None):
+                 marker: tuple[list[str], dict] | None = None):
         self.config = config
         # Marker mode: the next offset of every partition as of the last archive written,
         # seeded from the marker Pachyderm kept.
@@ -1082,7 +1081,6 @@ class Spout:
         self.connected = True
         self.assigned: set = set()
         self.consumer = None
-        self._consumer_factory = consumer_factory
 
     # -- Kafka
     def consumer_options(self) -> dict:
@@ -1101,11 +1099,10 @@ class Spout:
         """Creates the consumer, retrying with back-off while the broker is unreachable."""
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError
-        factory = self._consumer_factory or KafkaConsumer
         delay = 1.0
         while not self.stop.is_set():
             try:
-                self.consumer = factory(**self.consumer_options())
+                self.consumer = KafkaConsumer(**self.consumer_options())
                 return True
             except KafkaError as error:
                 log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",

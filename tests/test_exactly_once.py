@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import (Tansu, committed_offsets, create_topic, produce, read_back, spout_env,
                       wait_until)
 from pfs_reader import load_materialized

@@ -1126,10 +1126,8 @@ class Spout:
 
         if self.config.topic_pattern is not None:
             # kafka-python matches from the start of the name; \Z makes it the whole name.
-            # No listener here: with one, kafka-python 3.0.12 stays stuck after the rebalance
-            # a new matching topic starts (seen on Tansu; cf. dpkp/kafka-python#3132). Without
-            # it, a batch of a revoked partition is still written: a duplicate, never a loss.
-            self.consumer.subscribe(pattern=f"(?:{self.config.topic_pattern})\\Z")
+            self.consumer.subscribe(pattern=f"(?:{self.config.topic_pattern})\\Z",
+                                    listener=Listener())
         else:
             self.consumer.subscribe(list(self.config.topics), listener=Listener())
 

@@ -321,6 +321,10 @@ class Config:
             return None
         return os.path.join(os.path.dirname(self.output_pipe), self.marker)
 
+    @property
+    def broker_address(self) -> str:
+        return ",".join(self.bootstrap_servers)
+
     def wants_topic(self, topic: str) -> bool:
         if self.topic_pattern is not None:
             return re.fullmatch(self.topic_pattern, topic) is not None and not (
@@ -734,6 +738,8 @@ def wait_or_stop(stop: threading.Event, delay: float, deadline: float | None) ->
         raise Stopped("out of time")
     else:
         time.sleep(delay)
+
+
 _FIONREAD = getattr(termios, "FIONREAD", None)
 
 
@@ -785,11 +791,16 @@ class PipeWriter:
             return False
         delay = 0.0005
         while self.capacity - self.unread() - PIPE_SLACK < size:
-            if deadline is None and self.stop.is_set():
-                deadline = time.monotonic() + SHUTDOWN_BUDGET  # finish this archive first
+            deadline = self._finish_by(deadline)
             wait_or_stop(self.stop, delay, deadline)
             delay = min(delay * 2, 0.01)
         return True
+
+    def _finish_by(self, deadline: float | None) -> float | None:
+        """A stop request during a write gives the archive under way the shutdown's time."""
+        if deadline is None and self.stop.is_set():
+            return time.monotonic() + SHUTDOWN_BUDGET
+        return deadline
 
     def close(self) -> None:
         if self.fd is not None:
@@ -844,8 +855,7 @@ class PipeWriter:
             try:
                 sent = os.writev(self.fd, views[index:index + _IOV_MAX])
             except BlockingIOError:
-                if deadline is None and self.stop.is_set():
-                    deadline = time.monotonic() + SHUTDOWN_BUDGET
+                deadline = self._finish_by(deadline)
                 wait_ms = 1000
                 if deadline is not None:
                     wait_ms = int((deadline - time.monotonic()) * 1000)
@@ -1106,8 +1116,7 @@ class Spout:
                 return True
             except KafkaError as error:
                 log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",
-                            ",".join(self.config.bootstrap_servers),
-                            type(error).__name__, delay)
+                            self.config.broker_address, type(error).__name__, delay)
             if self.stop.wait(delay):
                 break
             delay = min(delay * 2, CONNECT_BACKOFF_MAX)
@@ -1174,12 +1183,14 @@ class Spout:
     def commit(self, timeout_ms: int = 2000, final: bool = False) -> None:
         for offsets in self.delivery.poll():
             self.uncommitted.update(offsets)
-        if not self.config.marker and self.uncommitted:
+        if not self.uncommitted or (time.monotonic() < self.next_commit and not final):
+            return
+        if not self.config.marker:
             owned = self.consumer.assignment()
             for tp in [tp for tp in self.uncommitted if tp not in owned]:
                 del self.uncommitted[tp]  # moved to another spout, which commits it now
-        if not self.uncommitted or (time.monotonic() < self.next_commit and not final):
-            return
+            if not self.uncommitted:
+                return
         self.next_commit = time.monotonic() + COMMIT_INTERVAL
         from kafka.structs import OffsetAndMetadata
         try:
@@ -1192,7 +1203,7 @@ class Spout:
         except Exception as error:  # kept, and tried again with the next commit
             self.next_commit = time.monotonic() + COMMIT_RETRY_SECONDS
             log.warning("offset commit to %s failed (%s: %s); will retry",
-                        ",".join(self.config.bootstrap_servers), type(error).__name__, error)
+                        self.config.broker_address, type(error).__name__, error)
 
     def check_connection(self) -> None:
         """Says once when every broker connection is gone, and once when one is back.
@@ -1203,12 +1214,11 @@ class Spout:
         connected = metrics.get("connection-count", 1) > 0
         if connected != self.connected:
             self.connected = connected
-            address = ",".join(self.config.bootstrap_servers)
             if connected:
-                log.info("connected to Kafka at %s again", address)
+                log.info("connected to Kafka at %s again", self.config.broker_address)
             else:
                 log.warning("lost contact with Kafka at %s; reconnecting with back-off",
-                            address)
+                            self.config.broker_address)
 
     # -- batching
     def add(self, records: Mapping) -> None:
@@ -1314,8 +1324,7 @@ class Spout:
                     records = self.consumer.poll(timeout_ms=int(timeout * 1000))
                 except KafkaError as error:
                     log.warning("polling %s failed (%s: %s); retrying",
-                                ",".join(self.config.bootstrap_servers),
-                                type(error).__name__, error)
+                                self.config.broker_address, type(error).__name__, error)
                     records = None
                     self.stop.wait(1.0)
                 if records:

@@ -159,6 +159,11 @@ def read_back(bootstrap: str, topic: str, expected: int) -> dict:
     return found
 
 
+def expected_files(topic: str, truth: dict) -> dict:
+    """The files the default NAME_TEMPLATE gives for {(partition, offset): value}."""
+    return {f"/{topic}/{p}/{o:020d}": value for (p, o), value in truth.items()}
+
+
 def spout_env(broker, topic, fifo, **extra) -> dict:
     env = {"BOOTSTRAP_SERVERS": broker, "TOPIC": topic, "OUTPUT_PIPE": str(fifo),
            "GROUP_ID": f"g-{topic}", "BATCH_MAX_SECONDS": "0.2", "LOG_LEVEL": "DEBUG",

@@ -6,7 +6,8 @@ import random
 import signal
 
 import pytest
-from conftest import committed_offsets, produce, read_back, spout_env, wait_until
+from conftest import (committed_offsets, expected_files, produce, read_back, spout_env,
+                      wait_until)
 
 SIZES = [0, 1, 100, 511, 512, 513, 1024, 4096]
 
@@ -24,10 +25,6 @@ def mixed_messages(count: int, seed: int, big: int = 2):
     for i in range(big):
         messages.append((i % 3, b"big", rng.randbytes(1024 * 1024 + 1000 * (i + 1))))
     return messages
-
-
-def expected_files(topic: str, truth: dict) -> dict:
-    return {f"/{topic}/{p}/{o:020d}": value for (p, o), value in truth.items()}
 
 
 def assert_clean(reader) -> None:

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import (Tansu, committed_offsets, create_topic, produce, read_back, spout_env,
-                      wait_until)
+from conftest import (Tansu, committed_offsets, create_topic, expected_files, produce, read_back,
+                      spout_env, wait_until)
 from pfs_reader import load_materialized
 
 HERE = Path(__file__).resolve().parent
@@ -21,10 +21,6 @@ def chaos_messages(count: int, seed: int):
     rng = random.Random(seed)
     return [(i % 3, b"k%d" % (i % 11), rng.randbytes(rng.choice([0, 10, 511, 513, 3000, 20000])))
             for i in range(count)]
-
-
-def expected_files(topic: str, truth: dict) -> dict:
-    return {f"/{topic}/{p}/{o:020d}": value for (p, o), value in truth.items()}
 
 
 def kill(spout) -> None:

@@ -145,6 +145,46 @@ def parse_nonempty(text: str) -> str:
     return text.strip()
 
 
+# Pachyderm mounts this into every 2.x spout's container (worker_rc.go).
+DEFAULT_PACH_CONFIG = "/pachctl/config.json"
+# pachd's rule for project, repo and branch names (ValidateName in Pachyderm's source).
+_PFS_NAME = r"[A-Za-z0-9_-]+"
+_OUTPUT_REPO_RE = re.compile(rf"(?:({_PFS_NAME})/)?({_PFS_NAME})(?:@({_PFS_NAME}))?")
+
+
+def parse_pachd_address(text: str) -> tuple[str, bool]:
+    """'grpc://host:port', 'grpcs://host:port' (TLS) or 'host:port': (host:port, tls)."""
+    address = text.strip()
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "grpc", address
+    if scheme not in ("grpc", "grpcs", "http", "https"):
+        raise ValueError(f"{address!r}: scheme {scheme!r} is not grpc, grpcs, http or https")
+    match = _HOST_PORT_RE.fullmatch(rest)
+    if not match:
+        raise ValueError(f"{address!r} is not [grpc://|grpcs://]host:port")
+    parse_port(match.group(2))
+    return f"{scheme}://{rest}", scheme in ("grpcs", "https")
+
+
+class RepoBranch(NamedTuple):
+    project: str
+    repo: str
+    branch: str
+
+    def __str__(self) -> str:
+        return f"{self.project}/{self.repo}@{self.branch}"
+
+
+def parse_output_repo(text: str) -> RepoBranch:
+    match = _OUTPUT_REPO_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{text.strip()!r} is not project/repo@branch (letters, digits, "
+                         "'_' and '-' in each name)")
+    project, repo, branch = match.groups()
+    return RepoBranch(project or "default", repo, branch or "master")
+
+
 def describe_value_error(error: ValueError, text: str) -> str:
     """Our parsers' messages as they are; int()'s and float()'s in the user's terms."""
     message = str(error)
@@ -178,8 +218,24 @@ SETTINGS: tuple[Setting, ...] = (
             "raw (the value), json (value and metadata), raw+meta (value + .meta.json)"),
     Setting("TOMBSTONES", "tombstones", parse_choice("skip", "keep"), "skip",
             "null values: skip, or keep as records with value null (json, raw+meta)"),
+    Setting("DELIVERY", "delivery", parse_choice("auto", "pipe", "pfs"), "auto",
+            "pipe (Pachyderm 1.x), pfs (2.x: commits through pachd) or auto"),
     Setting("OUTPUT_PIPE", "output_pipe", parse_nonempty, "/pfs/out",
-            "the named pipe Pachyderm reads"),
+            "pipe delivery: the named pipe Pachyderm reads"),
+    Setting("PACH_CONFIG", "pach_config", parse_nonempty, None,
+            f"pfs delivery: a pachctl config file (default: {DEFAULT_PACH_CONFIG})"),
+    Setting("PACHD_ADDRESS", "pachd_address", lambda text: parse_pachd_address(text)[0], None,
+            "pfs delivery: pachd's address instead of a config file, e.g. grpc://pachd:30650"),
+    Setting("PACH_TOKEN", "pach_token", parse_nonempty, None,
+            "pfs delivery, with PACHD_ADDRESS: the auth token (or PACH_TOKEN_FILE)"),
+    Setting("PACH_TOKEN_FILE", "pach_token_file", parse_nonempty, None,
+            "pfs delivery: a file holding the auth token"),
+    Setting("OUTPUT_REPO", "output_repo", lambda text: parse_output_repo(text), None,
+            "pfs delivery: project/repo@branch "
+            "(default: $PPS_PROJECT_NAME/$PPS_PIPELINE_NAME@master)"),
+    Setting("MODE", "mode", parse_choice("exactly-once", "group"), None,
+            "exactly-once (one spout takes every partition; default with MARKER or pfs) "
+            "or group (partitions shared by GROUP_ID)"),
     Setting("GROUP_ID", "group_id", parse_nonempty, None,
             "consumer group (default: $PPS_PIPELINE_NAME, else kafka-spout)"),
     Setting("AUTO_OFFSET_RESET", "auto_offset_reset", parse_choice("earliest", "latest"),
@@ -255,7 +311,14 @@ class Config:
     topic_pattern: str | None = None
     format: str = "raw"
     tombstones: str = "skip"
+    delivery: str = "pipe"
     output_pipe: str = "/pfs/out"
+    pachd_address: str | None = None
+    pach_token: str | None = dataclasses.field(default=None, repr=False)
+    pach_token_source: str = "PACH_TOKEN"
+    pach_root_certs: bytes | None = dataclasses.field(default=None, repr=False)
+    output_repo: RepoBranch | None = None
+    mode: str = "group"
     group_id: str = "kafka-spout"
     auto_offset_reset: str = "earliest"
     batch_max_messages: int = 1000
@@ -272,13 +335,16 @@ class Config:
     def from_sources(cls, environ: Mapping[str, str], argv: Sequence[str] = ()) -> Config:
         """Builds the configuration from flags, then the environment, then defaults.
 
-        Raises ConfigError for the first problem found; touches nothing but the pipe's inode.
+        Raises ConfigError for the first problem found; reads nothing but the pipe's inode
+        and, for pfs delivery, the pachctl config or token file.
         """
         args = build_arg_parser().parse_args(list(argv))
         values: dict[str, object] = {}
+        sources: dict[str, str] = {}
         for setting in SETTINGS:
             from_flag = getattr(args, setting.field)
             source = setting.flag if from_flag is not None else setting.env
+            sources[setting.field] = source
             raw = from_flag if from_flag is not None else environ.get(setting.env)
             if raw is None:
                 raw = setting.default
@@ -305,14 +371,23 @@ class Config:
                               "cannot tell a null value from an empty one")
         if "group_id" not in values:
             values["group_id"] = environ.get("PPS_PIPELINE_NAME") or "kafka-spout"
+        values["delivery"] = choose_delivery(values, sources)
+        pachd = pachd_settings(values, sources, environ) if values["delivery"] == "pfs" else {}
+        for field in ("pach_config", "pachd_address", "pach_token", "pach_token_file",
+                      "output_repo"):
+            values.pop(field, None)
+        values.update(pachd)
+        values["mode"] = choose_mode(values, sources)
         values["kafka_options"] = MappingProxyType(
             collect_kafka_options(environ, args.kafka or ()))
         config = cls(**values)
         if config.marker:
             check_marker_is_apart(config)
-        check_output_pipe(config.output_pipe, source=(
-            "--output-pipe" if args.output_pipe is not None else "OUTPUT_PIPE"))
         return config
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.mode == "exactly-once"
 
     @property
     def marker_path(self) -> str | None:
@@ -334,6 +409,9 @@ class Config:
     def describe(self) -> str:
         """The effective configuration for the start-up log line, secrets masked."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("pach_token", "pach_root_certs"):
+            fields[name] = "***" if fields[name] else None
+        fields["output_repo"] = str(self.output_repo) if self.output_repo else None
         fields["kafka_options"] = {
             name: ("***" if is_secret_option(name) else value)
             for name, value in self.kafka_options.items()}
@@ -412,18 +490,121 @@ def check_marker_is_apart(config: Config) -> None:
                                   "the marker")
 
 
-def check_output_pipe(path: str, source: str) -> None:
+def output_pipe_problem(path: str) -> str | None:
+    """Why path is not a named pipe the spout can write to, or None."""
     try:
         mode = os.stat(path).st_mode  # follows links: Pachyderm links /pfs/out to the FIFO
     except FileNotFoundError:
-        kind = "a dangling link" if os.path.islink(path) else "missing"
-        raise ConfigError(source, f"{path} is {kind}; it must be a named pipe (FIFO)") from None
+        return f"{path} is {'a dangling link' if os.path.islink(path) else 'missing'}"
     except OSError as error:
-        raise ConfigError(source, f"{path}: {error.strerror}") from None
-    if not stat.S_ISFIFO(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "a regular file" \
-            if stat.S_ISREG(mode) else "not a FIFO"
-        raise ConfigError(source, f"{path} is {kind}; it must be a named pipe (FIFO)")
+        return f"{path}: {error.strerror}"
+    if stat.S_ISFIFO(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "a regular file" \
+        if stat.S_ISREG(mode) else "not a FIFO"
+    return f"{path} is {kind}"
+
+
+def choose_delivery(values: Mapping[str, object], sources: Mapping[str, str]) -> str:
+    """DELIVERY=auto: the pipe where /pfs/out is one (1.x), pachd where one is configured."""
+    delivery = values.get("delivery", "auto")
+    if delivery == "pfs":
+        return "pfs"
+    problem = output_pipe_problem(str(values.get("output_pipe", "/pfs/out")))
+    if problem is None:
+        return "pipe"
+    if delivery == "auto" and ("pach_config" in values or "pachd_address" in values
+                               or os.path.exists(DEFAULT_PACH_CONFIG)):
+        return "pfs"
+    hint = "" if delivery == "pipe" else (
+        " for Pachyderm 1.x; for 2.x set PACH_CONFIG or PACHD_ADDRESS (DELIVERY=pfs)")
+    raise ConfigError(sources["output_pipe"], f"{problem}; it must be a named pipe (FIFO)"
+                      f"{hint}")
+
+
+def pachd_settings(values: Mapping[str, object], sources: Mapping[str, str],
+                   environ: Mapping[str, str]) -> dict[str, object]:
+    """Where pachd is, who the spout is to it, and which branch it commits to."""
+    if values.get("marker"):
+        raise ConfigError(sources["marker"], "a Pachyderm 1.x setting; with DELIVERY=pfs "
+                          "every commit's description records the offsets it holds")
+    settings: dict[str, object] = {}
+    token = values.get("pach_token")
+    token_source = sources["pach_token"]
+    if "pach_token_file" in values:
+        if token is not None:
+            raise ConfigError(sources["pach_token_file"], "set PACH_TOKEN or PACH_TOKEN_FILE, "
+                              "not both")
+        path = str(values["pach_token_file"])
+        token_source = sources["pach_token_file"]
+        try:
+            with open(path, encoding="utf-8") as secret:
+                token = secret.read().strip() or None
+        except OSError as error:
+            raise ConfigError(token_source, f"cannot read {path}: {error.strerror}") from None
+    if "pachd_address" in values:
+        settings["pachd_address"] = values["pachd_address"]
+    else:
+        path = str(values.get("pach_config", DEFAULT_PACH_CONFIG))
+        address, session_token, root_certs = read_pach_config(path, sources["pach_config"])
+        settings["pachd_address"], settings["pach_root_certs"] = address, root_certs
+        if token is None and session_token:
+            token, token_source = session_token, f"{sources['pach_config']} {path}"
+    settings["pach_token"], settings["pach_token_source"] = token, token_source
+    if "output_repo" in values:
+        settings["output_repo"] = values["output_repo"]
+    elif environ.get("PPS_PIPELINE_NAME"):
+        settings["output_repo"] = parse_output_repo(
+            f"{environ.get('PPS_PROJECT_NAME') or 'default'}/{environ['PPS_PIPELINE_NAME']}")
+    else:
+        raise ConfigError(sources["output_repo"], "required outside a Pachyderm pipeline "
+                          "(PPS_PIPELINE_NAME is not set), e.g. default/kafka@master")
+    return settings
+
+
+def read_pach_config(path: str, source: str) -> tuple[str, str | None, bytes | None]:
+    """pachd's address, the session token and the CA certificates of a pachctl config's active
+    context. Read by hand: the SDK's ConfigFile refuses contexts with fields it does not know,
+    which newer pachctl versions write."""
+    try:
+        with open(path, "rb") as config_file:
+            document = json.loads(config_file.read())
+    except FileNotFoundError:
+        raise ConfigError(source, f"{path} does not exist") from None
+    except OSError as error:
+        raise ConfigError(source, f"cannot read {path}: {error.strerror}") from None
+    except ValueError as error:
+        raise ConfigError(source, f"{path} is not JSON ({error})") from None
+    try:
+        name = document["v2"]["active_context"]
+        context = document["v2"]["contexts"][name]
+    except (KeyError, TypeError):
+        raise ConfigError(source, f"{path} has no active context (v2.active_context naming "
+                          "one of v2.contexts)") from None
+    if not isinstance(context, dict) or not context.get("pachd_address"):
+        raise ConfigError(source, f"{path}: context {name!r} has no pachd_address")
+    try:
+        address = parse_pachd_address(str(context["pachd_address"]))[0]
+        root_certs = base64.b64decode(context["server_cas"], validate=True) \
+            if context.get("server_cas") else None
+    except ValueError as error:
+        raise ConfigError(source, f"{path}: context {name!r}: {error}") from None
+    return address, context.get("session_token") or None, root_certs
+
+
+def choose_mode(values: Mapping[str, object], sources: Mapping[str, str]) -> str:
+    """exactly-once needs a record of what Pachyderm holds: the marker (1.x) or the commits'
+    descriptions (2.x). Group mode shares partitions and resumes from the group's offsets."""
+    marker = values.get("marker")
+    mode = values.get("mode") or ("exactly-once" if marker or values["delivery"] == "pfs"
+                                  else "group")
+    if mode == "exactly-once" and values["delivery"] == "pipe" and not marker:
+        raise ConfigError(sources["mode"], "exactly-once through the pipe needs MARKER (the "
+                          "spec's spout.marker), where Pachyderm keeps the offsets")
+    if mode == "group" and marker:
+        raise ConfigError(sources["mode"], "group mode resumes from the consumer group; "
+                          "remove MARKER or set MODE=exactly-once")
+    return mode
 
 
 class _OneLineArgumentParser(argparse.ArgumentParser):
@@ -674,6 +855,37 @@ def read_marker(path: str) -> tuple[list[str], dict[tuple[str, int], int]] | Non
                           "--reprocess resets it) only if starting over is intended") from None
 
 
+DESCRIPTION_TITLE = "kafka-spout"
+RECORD_PREFIX = "record: "
+
+
+def describe_commit(ranges: Mapping[tuple, tuple[int, int]], messages: int,
+                    topics: Iterable[str], positions: Mapping[tuple, int]) -> str:
+    """A 2.x commit's description: what it holds for a person (pachctl list commit shows the
+    first line), then where every partition resumes after it, for the spout itself.
+
+    ranges: (topic, partition) -> (first offset, next offset) of this commit's messages.
+    """
+    held = ", ".join(f"{topic}/{partition} {first}-{end - 1}"
+                     for (topic, partition), (first, end) in sorted(ranges.items()))
+    resume = " ".join(f"{topic}/{partition}={offset}"
+                      for (topic, partition), offset in sorted(positions.items()))
+    return (f"{DESCRIPTION_TITLE}: {messages} message(s) from {held}\n"
+            f"next offsets: {resume}\n"
+            f"{RECORD_PREFIX}{encode_marker(topics, positions).decode()}")
+
+
+def record_from_description(description: str) -> tuple[list[str], dict] | None:
+    """The record a kafka-spout commit carries; None for any other commit's description.
+    Raises ValueError for a kafka-spout description whose record is damaged."""
+    if not description.startswith(DESCRIPTION_TITLE):
+        return None
+    for line in description.splitlines():
+        if line.startswith(RECORD_PREFIX):
+            return decode_marker(line[len(RECORD_PREFIX):].encode())
+    raise ValueError("a kafka-spout description without its record line")
+
+
 TIMESTAMP_TYPES = {0: "CreateTime", 1: "LogAppendTime"}
 
 
@@ -877,17 +1089,17 @@ class PipeWriter:
 
 
 class Pending:
-    """An archive handed to the pipe, with the offsets it completes."""
-    __slots__ = ("archive", "offsets", "start", "end")
+    """An archive handed to the pipe, with what the caller wants back once it is taken."""
+    __slots__ = ("archive", "token", "start", "end")
 
-    def __init__(self, archive: Archive, offsets: dict):
+    def __init__(self, archive: Archive, token):
         self.archive = archive
-        self.offsets = offsets            # TopicPartition -> next offset to consume
+        self.token = token
         self.start: int | None = None     # where it starts on the current fd
         self.end: int | None = None       # where it ends on the current fd, once fully written
 
 
-class Delivery:
+class PipeArchives:
     """Sends archives down the pipe and tells which of them Pachyderm has taken.
 
     A write only puts bytes in the pipe's buffer. An archive counts as delivered once the
@@ -905,12 +1117,12 @@ class Delivery:
         self.pipe = pipe
         self.retry_max_seconds = retry_max_seconds
         self.in_flight: deque[Pending] = deque()
-        self.delivered: list[dict] = []
+        self.delivered: list = []
         self.broken_pipes = 0
         self._reader_gone_since: float | None = None
 
-    def send(self, archive: Archive, offsets: dict, deadline: float | None = None) -> None:
-        self.in_flight.append(Pending(archive, offsets))
+    def send(self, archive: Archive, token, deadline: float | None = None) -> None:
+        self.in_flight.append(Pending(archive, token))
         self._write([self.in_flight[-1]], deadline)
 
     def _write(self, entries: list[Pending], deadline: float | None) -> None:
@@ -986,10 +1198,10 @@ class Delivery:
 
     def _release(self, taken: Callable[[Pending], bool]) -> None:
         while self.in_flight and self.in_flight[0].end is not None and taken(self.in_flight[0]):
-            self.delivered.append(self.in_flight.popleft().offsets)
+            self.delivered.append(self.in_flight.popleft().token)
 
-    def poll(self, final: bool = False) -> list[dict]:
-        """Offsets of the archives delivered since the last call, oldest first.
+    def poll(self, final: bool = False) -> list:
+        """Tokens of the archives delivered since the last call, oldest first.
 
         final: nothing follows, so an archive read to its last byte counts as taken.
         """
@@ -1005,13 +1217,387 @@ class Delivery:
         delivered, self.delivered = self.delivered, []
         return delivered
 
-    def drain(self, deadline: float) -> list[dict]:
+    def drain(self, deadline: float) -> list:
         """Waits until the reader has read all that was written, or the deadline passes."""
         delay = 0.001
         while self.in_flight and self.pipe.unread() > 0 and time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
         return self.poll(final=True)
+
+
+class Outgoing(NamedTuple):
+    """A closed batch on its way to Pachyderm."""
+    batch: Batch
+    topics: tuple[str, ...]
+    positions: dict   # (topic, partition) -> next offset of every partition consumed, after it
+    commit: dict      # TopicPartition -> offset to commit to the group once Pachyderm holds it
+
+
+class Delivery:
+    """Where closed batches go; one implementation per Pachyderm generation.
+
+    The loop calls start() once, send() for every batch, held() to learn which batches
+    Pachyderm now holds, check() between polls, drain() and close() at the end. It never
+    knows which generation it talks to.
+    """
+
+    name = ""
+    # Whether every delivery records where each partition resumes (2.x: the commit's
+    # description). Group mode then resumes a partition at the larger of that record and the
+    # group's offset.
+    records_positions = False
+
+    def start(self) -> tuple[list[str], dict] | None:
+        """Waits until Pachyderm can be reached; returns the topics and positions it recorded
+        last, or None. Raises ConfigError when Pachyderm refuses the spout, Stopped on stop."""
+        return None
+
+    def send(self, outgoing: Outgoing, deadline: float | None = None) -> None:
+        """Delivers one batch whole, retrying as needed; raises Stopped if told to stop (or
+        out of time) first, leaving nothing half-delivered behind."""
+        raise NotImplementedError
+
+    def held(self, final: bool = False) -> list[Outgoing]:
+        """The batches Pachyderm holds since the last call, oldest first."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Housekeeping between polls."""
+
+    def drain(self, deadline: float) -> list[Outgoing]:
+        """Waits, up to the deadline, until Pachyderm holds all that was sent."""
+        return self.held(final=True)
+
+    def close(self, deadline: float) -> None:
+        """Leaves nothing open behind, as far as the deadline allows."""
+
+
+class PipeDelivery(Delivery):
+    """Pachyderm 1.x: tar archives through the named pipe, the marker in every one."""
+
+    name = "pipe"
+
+    def __init__(self, config: Config, stop: threading.Event):
+        self.marker = config.marker
+        self.marker_path = config.marker_path
+        self.archives = PipeArchives(PipeWriter(config.output_pipe, stop))
+
+    def start(self) -> tuple[list[str], dict] | None:
+        if not self.marker:
+            return None
+        try:
+            return read_marker(self.marker_path)
+        except MarkerError as error:
+            raise ConfigError("MARKER", str(error)) from None
+
+    def send(self, outgoing: Outgoing, deadline: float | None = None) -> None:
+        members = outgoing.batch.members
+        if self.marker and members:
+            # Last in the archive: a reader that streams puts (1.8-1.10) stores the marker
+            # only after every file before it.
+            members = members + [(self.marker,
+                                  encode_marker(outgoing.topics, outgoing.positions), 0)]
+        self.archives.send(encode_archive(members), outgoing, deadline)
+
+    def held(self, final: bool = False) -> list[Outgoing]:
+        return self.archives.poll(final)
+
+    def check(self) -> None:
+        self.archives.check_reader()
+
+    def drain(self, deadline: float) -> list[Outgoing]:
+        return self.archives.drain(deadline)
+
+    def close(self, deadline: float) -> None:
+        self.archives.pipe.close()
+
+
+# A value is sent in pieces well under the 20 MB that pachd and the SDK accept per message.
+MODIFY_FILE_CHUNK = 4 * 1024 * 1024
+PACHD_CALL_SECONDS = 30.0
+PACHD_BACKOFF_MAX = 30.0
+# How far back from the branch head the spout looks for the last commit it made.
+RECORD_SEARCH_COMMITS = 100
+
+
+class PachdClient:
+    """The few pfs_v2.API calls the spout makes, each with a deadline, which the SDK's stubs
+    do not take: the SDK's messages over a channel set up as the SDK sets up its own."""
+
+    def __init__(self, address: str, token: str | None, root_certs: bytes | None,
+                 repo: RepoBranch, stop: threading.Event):
+        import grpc
+        self.grpc = grpc
+        self.stop = stop
+        import betterproto.lib.google.protobuf as protobuf
+        from pachyderm_sdk.api import pfs
+        from pachyderm_sdk.constants import GRPC_CHANNEL_OPTIONS
+        self.pfs, self.bytes_value = pfs, protobuf.BytesValue
+        target, tls = parse_pachd_address(address)
+        host_port = target.split("://", 1)[1]
+        if tls:
+            self.channel = grpc.secure_channel(
+                host_port, grpc.ssl_channel_credentials(root_certs), GRPC_CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(host_port, GRPC_CHANNEL_OPTIONS)
+        self.metadata = (("authn-token", token),) if token else None
+        self.repo = pfs.Repo(name=repo.repo, type="user", project=pfs.Project(name=repo.project))
+        self.branch = pfs.Branch(repo=self.repo, name=repo.branch)
+
+        def method(name, request, response, kind="unary_unary"):
+            return getattr(self.channel, kind)(
+                f"/pfs_v2.API/{name}", request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString)
+        self._inspect_branch = method("InspectBranch", pfs.InspectBranchRequest, pfs.BranchInfo)
+        self._inspect_commit = method("InspectCommit", pfs.InspectCommitRequest, pfs.CommitInfo)
+        self._start_commit = method("StartCommit", pfs.StartCommitRequest, pfs.Commit)
+        self._finish_commit = method("FinishCommit", pfs.FinishCommitRequest, protobuf.Empty)
+        self._drop_commit_set = method("DropCommitSet", pfs.DropCommitSetRequest,
+                                       protobuf.Empty)
+        self._modify_file = method("ModifyFile", pfs.ModifyFileRequest, protobuf.Empty,
+                                   "stream_unary")
+
+    def call(self, method, request, deadline: float | None,
+             seconds: float = PACHD_CALL_SECONDS):
+        """One call, given up (Stopped) when a stop request's shutdown time runs out: a stop
+        gives the call under way the shutdown's time, as the pipe does a write."""
+        if deadline is not None and deadline - time.monotonic() <= 0:
+            raise Stopped("out of time")
+        timeout = seconds if deadline is None else min(seconds, deadline - time.monotonic())
+        future = method.future(request, timeout=timeout, metadata=self.metadata)
+        while True:
+            if deadline is None and self.stop.is_set():
+                deadline = time.monotonic() + SHUTDOWN_BUDGET
+            wait = 0.1 if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                future.cancel()
+                raise Stopped("pachd did not answer in time")
+            try:
+                return future.result(timeout=min(wait, 0.1))
+            except self.grpc.FutureTimeoutError:
+                continue
+
+    def head(self, deadline: float | None):
+        request = self.pfs.InspectBranchRequest(branch=self.branch)
+        return self.call(self._inspect_branch, request, deadline).head
+
+    def inspect_commit(self, commit, deadline: float | None):
+        request = self.pfs.InspectCommitRequest(commit=commit)
+        return self.call(self._inspect_commit, request, deadline)
+
+    def start_commit(self, description: str, deadline: float | None):
+        request = self.pfs.StartCommitRequest(branch=self.branch, description=description)
+        return self.call(self._start_commit, request, deadline)
+
+    def put_files(self, commit, members: Sequence[tuple[str, bytes, int]], size: int,
+                  deadline: float | None) -> None:
+        """All files of a batch in one ModifyFile stream, each replacing any file of its name:
+        pachd applies the stream only once it completes."""
+        pfs, bytes_value = self.pfs, self.bytes_value
+
+        def requests():
+            yield pfs.ModifyFileRequest(set_commit=commit)
+            for name, data, _ in members:
+                yield pfs.ModifyFileRequest(delete_file=pfs.DeleteFile(path=name))
+                for start in range(0, len(data), MODIFY_FILE_CHUNK) if data else (0,):
+                    yield pfs.ModifyFileRequest(add_file=pfs.AddFile(
+                        path=name, raw=bytes_value(value=data[start:start + MODIFY_FILE_CHUNK])))
+        # Generous for big batches on slow links, yet bounded: a stuck stream is retried.
+        self.call(self._modify_file, requests(), deadline, PACHD_CALL_SECONDS + size / 1e6)
+
+    def finish_commit(self, commit, description: str, deadline: float | None) -> None:
+        request = self.pfs.FinishCommitRequest(commit=commit, description=description)
+        self.call(self._finish_commit, request, deadline)
+
+    def drop_commit(self, commit, deadline: float | None) -> None:
+        request = self.pfs.DropCommitSetRequest(commit_set=self.pfs.CommitSet(id=commit.id))
+        self.call(self._drop_commit_set, request, deadline)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def commit_is_open(info) -> bool:
+    """pachd refuses a child while its parent has no 'finishing' time. betterproto reads an
+    unset Timestamp as the epoch, not None."""
+    return not any(stamp is not None and stamp.timestamp() > 0
+                   for stamp in (info.finishing, info.finished))
+
+
+def describe_rpc_error(error) -> str:
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else str(error)
+    return f"{code.name if code else type(error).__name__}: {details}"
+
+
+class PfsDelivery(Delivery):
+    """Pachyderm 2.x: one commit per batch through pachd, its description recording the next
+    offset of every partition, so that a restarted spout resumes exactly after it."""
+
+    name = "pfs"
+    records_positions = True
+
+    def __init__(self, config: Config, stop: threading.Event):
+        self.config = config
+        self.stop = stop
+        self.address = config.pachd_address
+        self.repo = config.output_repo
+        self.client: PachdClient | None = None
+        self.delivered: list[Outgoing] = []
+        self.unsettled = None   # a commit that an attempt started and may have left open
+        self.redeliveries = 0
+
+    # -- errors
+    _FATAL = ("UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "INVALID_ARGUMENT")
+
+    def refused(self, error) -> ConfigError | None:
+        """The error as the one line to stop with, if trying again cannot help."""
+        code = error.code().name if hasattr(error, "code") else ""
+        if code not in self._FATAL:
+            return None
+        details = error.details()
+        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            return ConfigError(self.config.pach_token_source,
+                               f"pachd at {self.address} refused the spout ({details})")
+        if code == "NOT_FOUND":
+            return ConfigError("OUTPUT_REPO", f"{self.repo} does not exist on pachd at "
+                               f"{self.address} ({details})")
+        return ConfigError("OUTPUT_REPO", f"pachd at {self.address} refused a commit to "
+                           f"{self.repo} ({details})")
+
+    # -- start
+    def start(self) -> tuple[list[str], dict]:
+        import grpc
+        self.client = PachdClient(self.address, self.config.pach_token,
+                                  self.config.pach_root_certs, self.repo, self.stop)
+        delay = 1.0
+        while True:
+            try:
+                return self._read_record()
+            except grpc.RpcError as error:
+                refused = self.refused(error)
+                if refused:
+                    raise refused from None
+                log.warning("cannot reach pachd at %s (%s); retrying in %.0fs", self.address,
+                            describe_rpc_error(error), delay)
+            except _ForeignOpenCommit as error:
+                log.warning("%s; waiting for it to be finished", error)
+            wait_or_stop(self.stop, delay, None)
+            delay = min(delay * 2, PACHD_BACKOFF_MAX)
+
+    def _read_record(self) -> tuple[list[str], dict]:
+        """The record of the newest commit the spout made on the branch. An open head that a
+        spout left behind (it died mid-commit) is dropped: its messages are in Kafka still."""
+        commit = self.client.head(None)
+        for _ in range(RECORD_SEARCH_COMMITS):
+            if commit is None or not commit.id:
+                break
+            info = self.client.inspect_commit(commit, None)
+            description = info.description or ""
+            if commit_is_open(info):
+                if not description.startswith(DESCRIPTION_TITLE):
+                    raise _ForeignOpenCommit(f"the head of {self.repo}, commit {commit.id}, "
+                                             "is open and was not started by kafka-spout")
+                self.client.drop_commit(commit, None)
+                log.warning("dropped commit %s of %s, left open by a spout that stopped "
+                            "mid-commit; its messages are read again from Kafka", commit.id,
+                            self.repo)
+                commit = self.client.head(None)
+                continue
+            try:
+                record = record_from_description(description)
+            except ValueError as error:
+                raise ConfigError("OUTPUT_REPO", f"commit {commit.id} of {self.repo}: "
+                                  f"{error}") from None
+            if record is not None:
+                log.info("resuming after commit %s of %s: %s", commit.id, self.repo,
+                         description.splitlines()[1] if "\n" in description else "")
+                return record
+            commit = info.parent_commit
+        log.info("no kafka-spout commit on %s yet: partitions start from the group's "
+                 "offsets, else AUTO_OFFSET_RESET", self.repo)
+        return [], {}
+
+    # -- delivery
+    def send(self, outgoing: Outgoing, deadline: float | None = None) -> None:
+        import grpc
+        batch = outgoing.batch
+        if not batch.members:  # only tombstones: nothing to commit
+            self.delivered.append(outgoing)
+            return
+        ranges = {(tp.topic, tp.partition): (batch.first_offsets[tp], end)
+                  for tp, end in batch.offsets.items()}
+        description = describe_commit(ranges, batch.records, outgoing.topics,
+                                      outgoing.positions)
+        delay = 0.1
+        while True:
+            try:
+                self._commit(batch.members, batch.data_bytes, description, deadline)
+                break
+            except grpc.RpcError as error:
+                refused = self.refused(error)
+                if refused:
+                    raise refused from None
+                self.redeliveries += 1
+                log.warning("commit to %s at %s failed (%s); writing the batch again, whole, "
+                            "in %.1fs", self.repo, self.address, describe_rpc_error(error),
+                            delay)
+            wait_or_stop(self.stop, delay, deadline)
+            delay = min(delay * 2, PACHD_BACKOFF_MAX)
+        self.delivered.append(outgoing)
+
+    def _commit(self, members, size: int, description: str, deadline: float | None) -> None:
+        if self.unsettled is not None and self._settle(deadline):
+            return  # the last attempt's FinishCommit reached pachd; only its answer was lost
+        commit = self.unsettled = self.client.start_commit(description, deadline)
+        self.client.put_files(commit, members, size, deadline)
+        self.client.finish_commit(commit, description, deadline)
+        self.unsettled = None
+        log.debug("commit %s: %d file(s)", commit.id, len(members))
+
+    def _settle(self, deadline: float | None) -> bool:
+        """After a failed attempt: True if pachd finished its commit after all, else the
+        commit is dropped (if it exists) and False."""
+        import grpc
+        commit = self.unsettled
+        try:
+            info = self.client.inspect_commit(commit, deadline)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            self.unsettled = None
+            return False
+        if not commit_is_open(info):
+            self.unsettled = None
+            return True
+        self.client.drop_commit(commit, deadline)
+        self.unsettled = None
+        log.info("dropped the unfinished commit %s of %s", commit.id, self.repo)
+        return False
+
+    def held(self, final: bool = False) -> list[Outgoing]:
+        delivered, self.delivered = self.delivered, []
+        return delivered
+
+    def close(self, deadline: float) -> None:
+        if self.client is None:
+            return
+        if self.unsettled is not None:
+            try:
+                self._settle(deadline)
+            except Exception as error:  # pachd unreachable: the next start drops it
+                log.warning("commit %s of %s may be left open (%s); the next start drops it",
+                            self.unsettled.id, self.repo, describe_rpc_error(error))
+        self.client.close()
+
+
+class _ForeignOpenCommit(Exception):
+    """The branch head is open, and not by a kafka-spout: someone else is writing."""
+
+
+def make_delivery(config: Config, stop: threading.Event) -> Delivery:
+    return PfsDelivery(config, stop) if config.delivery == "pfs" else PipeDelivery(config, stop)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -1071,19 +1657,20 @@ class Spout:
     """Consumes, batches, delivers, then commits: offsets move only after delivery."""
 
     def __init__(self, config: Config, stop: threading.Event,
-                 marker: tuple[list[str], dict] | None = None):
+                 delivery: Delivery | None = None):
         self.config = config
-        # Marker mode: the next offset of every partition as of the last archive written,
-        # seeded from the marker Pachyderm kept.
+        # The next offset of every partition as of the last batch sent, seeded from the
+        # record Pachyderm kept (the marker, or the last commit's description).
         self.positions: dict = {}
-        self.marker_positions = marker[1] if marker else {}
+        self.recorded: dict = {}
+        # Group mode, where the delivery keeps a record: partitions assigned but not yet
+        # moved to where the record says (paused until then).
+        self.unresolved: set = set()
         self.topics = config.topics  # those consumed now: TOPIC, or TOPIC_PATTERN's matches
-        if marker and config.topics and sorted(marker[0]) != sorted(config.topics):
-            log.info("the marker was written for topics %s; resuming those still configured",
-                     ",".join(marker[0]))
         self.stop = stop
         self.names = NameTemplate(config.name_template)
-        self.delivery = Delivery(PipeWriter(config.output_pipe, stop))
+        self.delivery = delivery or make_delivery(config, stop)
+        self.abandoned = False   # a batch was given up: nothing after it may be delivered
         self.batch = Batch()
         self.stats = Stats()
         self.uncommitted: dict = {}
@@ -1097,7 +1684,7 @@ class Spout:
         options = {"bootstrap_timeout_ms": 3000, "max_poll_records": 1000,
                    "max_partition_fetch_bytes": 4 * 1024 * 1024}
         options.update(self.config.kafka_options)
-        if self.config.group_instance_id and not self.config.marker:
+        if self.config.group_instance_id and not self.config.exactly_once:
             options["group_instance_id"] = self.config.group_instance_id
         options.update(bootstrap_servers=list(self.config.bootstrap_servers),
                        group_id=self.config.group_id,
@@ -1131,7 +1718,7 @@ class Spout:
                 spout.on_revoked(set(revoked))
 
             def on_partitions_assigned(self, assigned):
-                log.info("assigned %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+                spout.on_assigned(set(assigned))
 
         if self.config.topic_pattern is not None:
             # kafka-python matches from the start of the name; \Z makes it the whole name.
@@ -1140,8 +1727,20 @@ class Spout:
         else:
             self.consumer.subscribe(list(self.config.topics), listener=Listener())
 
+    def adopt_record(self, record: tuple[list[str], dict] | None) -> None:
+        """Where Pachyderm's record says each partition resumes."""
+        if record is None:
+            return
+        topics, positions = record
+        if topics and self.config.topics and sorted(topics) != sorted(self.config.topics):
+            log.info("the record was written for topics %s; resuming those still configured",
+                     ",".join(topics))
+        from kafka import TopicPartition
+        self.recorded = {TopicPartition(*key): offset for key, offset in positions.items()}
+        self.positions.update(self.recorded)
+
     def assign(self) -> None:
-        """Marker mode: every partition of the topics, resumed where the marker says.
+        """Exactly-once mode: every partition of the topics, resumed where the record says.
 
         A spout runs as one worker, so there is no group to share partitions with; called
         again now and then, this picks up partitions added to the topics later.
@@ -1157,10 +1756,10 @@ class Spout:
             return
         self.consumer.assign(sorted(wanted))
         for tp in sorted(new):
-            resume_at = self.marker_positions.get((tp.topic, tp.partition))
+            resume_at = self.recorded.get((tp.topic, tp.partition))
             if resume_at is not None:
                 self.consumer.seek(tp, resume_at)
-            # Not in the marker: the group's committed offset, else AUTO_OFFSET_RESET.
+            # Not in the record: the group's committed offset, else AUTO_OFFSET_RESET.
             self.positions[tp] = self.consumer.position(tp, timeout_ms=10_000)
         self.assigned = wanted
         log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}@{self.positions[tp]}"
@@ -1179,13 +1778,40 @@ class Spout:
             log.info("revoked %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
         for tp, offset in self.batch.drop(revoked).items():
             self.consumer.seek(tp, offset)
+        self.unresolved -= revoked
+
+    def on_assigned(self, assigned: set) -> None:
+        """Group mode. Where the delivery records what Pachyderm holds, a partition must not
+        start before the record is weighed against the group's offset, which takes a
+        blocking call that kafka-python forbids here: pause it until resolve_assigned()."""
+        log.info("assigned %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        if self.delivery.records_positions and assigned:
+            self.consumer.pause(*assigned)
+            self.unresolved |= assigned
+
+    def resolve_assigned(self) -> None:
+        """A newly assigned partition resumes at the larger of the group's committed offset
+        and the position this spout's repo records: a larger group offset means another spout
+        delivered those messages since; a larger record, that this one did and the group
+        commit did not follow (it crashed, or lost the partition, in between)."""
+        owned = self.consumer.assignment()
+        for tp in sorted(self.unresolved & owned):
+            recorded = self.positions.get((tp.topic, tp.partition))
+            if recorded is not None:
+                committed = self.consumer.committed(tp)
+                resume_at = recorded if committed is None else max(recorded, committed)
+                self.consumer.seek(tp, resume_at)
+                log.info("%s/%d resumes at %d (recorded %d, group %s)", tp.topic,
+                         tp.partition, resume_at, recorded, committed)
+        self.consumer.resume(*(self.unresolved & owned))
+        self.unresolved.clear()
 
     def commit(self, timeout_ms: int = 2000, final: bool = False) -> None:
-        for offsets in self.delivery.poll():
-            self.uncommitted.update(offsets)
+        for outgoing in self.delivery.held():
+            self.uncommitted.update(outgoing.commit)
         if not self.uncommitted or (time.monotonic() < self.next_commit and not final):
             return
-        if not self.config.marker:
+        if not self.config.exactly_once:
             owned = self.consumer.assignment()
             for tp in [tp for tp in self.uncommitted if tp not in owned]:
                 del self.uncommitted[tp]  # moved to another spout, which commits it now
@@ -1268,24 +1894,26 @@ class Spout:
         batch, self.batch = self.batch, Batch()
         if not batch.records:
             return
-        members = batch.members
-        if self.config.marker and members:
-            # Last in the archive: a reader that streams puts (1.8-1.10) stores the marker
-            # only after every file before it.
-            self.positions.update(batch.offsets)
-            members = members + [(self.config.marker,
-                                  encode_marker(self.topics, self.positions), 0)]
-        archive = encode_archive(members)
-        # Marker mode commits the group every partition's position, idle ones too, for lag.
-        offsets = dict(self.positions) if self.config.marker else batch.offsets
-        self.delivery.send(archive, offsets, deadline)
+        if self.abandoned:
+            raise Stopped("an earlier batch was given up")
+        self.positions.update(batch.offsets)
+        positions = dict(self.positions)
+        # Exactly-once mode commits the group every partition's position, idle ones too, for
+        # lag; group mode only those of the batch.
+        commit = positions if self.config.exactly_once else batch.offsets
+        try:
+            self.delivery.send(Outgoing(batch, self.topics, positions, commit), deadline)
+        except Stopped:
+            # Whatever follows would record positions past this batch's messages.
+            self.abandoned = True
+            raise
         if batch.members:
             self.stats.archives += 1
             self.stats.messages += batch.records
             self.stats.bytes += batch.data_bytes
-            log.debug("archive of %d file(s), %d bytes, offsets %s", len(batch.members),
-                      archive.size, {f"{tp.topic}/{tp.partition}": offset
-                                     for tp, offset in batch.offsets.items()})
+            log.debug("batch of %d file(s), %d bytes, offsets %s", len(batch.members),
+                      batch.data_bytes, {f"{tp.topic}/{tp.partition}": offset
+                                         for tp, offset in batch.offsets.items()})
 
     def batch_due_in(self) -> float:
         if not self.batch.records:
@@ -1294,10 +1922,25 @@ class Spout:
 
     # -- the loop
     def run(self) -> int:
+        try:
+            self.adopt_record(self.delivery.start())
+        except Stopped:
+            log.info("stopped before Pachyderm was reachable")
+            return 0
         if not self.connect():
             log.info("stopped before Kafka was reachable")
+            self.delivery.close(time.monotonic() + 1.0)
             return 0
-        if self.config.marker:
+        try:
+            return self.consume()
+        except ConfigError:
+            # Pachyderm refused the spout: stop without committing anything more.
+            self.delivery.close(time.monotonic() + 1.0)
+            self.consumer.close(autocommit=False, timeout_ms=1000)
+            raise
+
+    def consume(self) -> int:
+        if self.config.exactly_once:
             self.assign()
         else:
             self.subscribe()
@@ -1312,11 +1955,11 @@ class Spout:
             while not self.stop.is_set():
                 timeout = min(max(self.batch_due_in(), 0.0), 0.5)
                 try:
-                    if self.config.marker and (not self.assigned or
+                    if self.config.exactly_once and (not self.assigned or
                                                time.monotonic() >= next_partition_check):
                         next_partition_check = time.monotonic() + partition_check_interval
                         self.assign()
-                    if self.config.marker and not self.assigned:
+                    if self.config.exactly_once and not self.assigned:
                         log.warning("topics %s have no partitions yet; waiting",
                                     ",".join(self.topics) or self.config.topic_pattern)
                         self.stop.wait(min(partition_check_interval, 5.0))
@@ -1331,9 +1974,11 @@ class Spout:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("polled %d record(s)", sum(map(len, records.values())))
                     self.add(records)
+                if self.unresolved:
+                    self.resolve_assigned()
                 if self.batch.records and self.batch_due_in() <= 0:
                     self.flush()
-                self.delivery.check_reader()
+                self.delivery.check()
                 self.commit()
                 if time.monotonic() >= next_health_check:
                     self.check_connection()
@@ -1347,17 +1992,17 @@ class Spout:
 
     def shutdown(self) -> int:
         deadline = time.monotonic() + SHUTDOWN_BUDGET
-        log.info("stopping: writing the pending batch")
+        log.info("stopping: delivering the pending batch")
         try:
             self.flush(deadline)
-            for offsets in self.delivery.drain(deadline):
-                self.uncommitted.update(offsets)
+            for outgoing in self.delivery.drain(deadline):
+                self.uncommitted.update(outgoing.commit)
         except Stopped:
-            log.warning("the reader did not take the last archive in time; its messages "
-                        "stay uncommitted and will be read again")
+            log.warning("Pachyderm did not take the last batch in time; its messages stay "
+                        "uncommitted and will be read again")
         remaining_ms = int(min(max(deadline - time.monotonic(), 0.5), 3.0) * 1000)
         self.commit(timeout_ms=remaining_ms, final=True)
-        self.delivery.pipe.close()
+        self.delivery.close(deadline + 1.0)
         self.consumer.close(autocommit=False, timeout_ms=1000)
         log.info("stopped; %s", self.stats.line())
         return 0
@@ -1395,11 +2040,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"spout.py: error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
-    try:
-        marker = read_marker(config.marker_path) if config.marker else None
-    except MarkerError as error:
-        print(f"spout.py: error: MARKER: {error}", file=sys.stderr)
-        return 2
     stop = threading.Event()
 
     def request_stop(signum, _frame):
@@ -1409,7 +2049,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     log.info("starting: %s", config.describe())
-    return Spout(config, stop, marker).run()
+    try:
+        return Spout(config, stop).run()
+    except ConfigError as error:
+        print(f"spout.py: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

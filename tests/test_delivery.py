@@ -33,7 +33,7 @@ def read_exactly(fd: int, size: int) -> bytes:
 @pytest.fixture
 def delivery(fifo):
     stop = threading.Event()
-    d = spout.Delivery(spout.PipeWriter(str(fifo), stop), retry_max_seconds=0.1)
+    d = spout.PipeArchives(spout.PipeWriter(str(fifo), stop), retry_max_seconds=0.1)
     yield d
     stop.set()
     d.pipe.close()

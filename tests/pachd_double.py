@@ -240,8 +240,11 @@ class PachdDouble:
         server, self._server = self._server, None
         if server is None:
             return
+        # Abort the in-flight RPCs first, then wake the handlers waiting on faults, so that none
+        # of them gets an answer out.
+        stopped = server.stop(grace=None)
         self._stopping.set()
-        server.stop(grace=None).wait()
+        stopped.wait()
         with self._lock:
             self._open_streams = 0
             self.modify_stream_open.clear()

@@ -199,6 +199,7 @@ class PachdDouble:
         self.username = username
         self.port: int | None = None
         self._lock = threading.RLock()
+        self._commit_finished = threading.Condition(self._lock)
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._calls: list[str] = []
         self._faults: dict[str, list] = {}
@@ -265,6 +266,9 @@ class PachdDouble:
             if key not in self._repos:
                 self._repos[key] = _Repo(project, repo, now())
             record = self._repos[key]
+            if branch in record.branches:
+                # ErrBranchExists, src/server/pfs/pfs.go
+                raise ValueError(f'branch "{branch}" already exists in repo {record.label}')
             stamp = now()
             commit = _Commit(new_commit_id(), project, repo, branch, None, "", stamp, {},
                              finished=stamp)
@@ -507,6 +511,7 @@ class PachdDouble:
                 commit.description = request.description
             commit.error = request.error
             commit.finished = now()
+            self._commit_finished.notify_all()
             self.finish_applied.set()
         if self._finish_reply_delay:
             self._stopping.wait(self._finish_reply_delay)
@@ -515,6 +520,14 @@ class PachdDouble:
     def _inspect_commit(self, request: pfs.InspectCommitRequest, context) -> pfs.CommitInfo:
         with self._lock:
             record, commit = self._commit(request.commit)
+            if request.wait in (pfs.CommitState.FINISHING, pfs.CommitState.FINISHED):
+                # server_commit.go inspectCommit: block until the commit is finished.
+                handle = self._commit_message(record, commit)
+                while commit.finished is None:
+                    if not context.is_active() or self._stopping.is_set():
+                        raise PachdError(grpc.StatusCode.CANCELLED, "context canceled")
+                    self._commit_finished.wait(0.1)
+                    record, commit = self._commit(handle)
             return self._commit_info(record, commit)
 
     def _list_commit(self, request: pfs.ListCommitRequest, context):
@@ -623,6 +636,7 @@ class PachdDouble:
             self._apply(commit, operations)
             if one_off_branch is not None:
                 commit.finished = now()
+                self._commit_finished.notify_all()
         return Empty()
 
     def _modify_target(self, target: pfs.Commit) -> tuple[_Repo, _Commit | None, str | None]:

@@ -139,6 +139,18 @@ def test_finish_commit_keeps_or_replaces_the_description_and_refuses_twice(doubl
     assert double.head("out").files == {}
 
 
+def test_inspect_commit_can_wait_for_the_commit_to_finish(double, client):
+    commit = client.pfs.start_commit(branch=MASTER)
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(client.pfs.wait_commit(commit)))
+    waiter.start()
+    wait_until(lambda: double.calls.count("InspectCommit") == 1, 5, "the waiting InspectCommit")
+    assert not waited
+    client.pfs.finish_commit(commit=commit, description="done")
+    waiter.join(5)
+    assert waited and waited[0].description == "done" and waited[0].finished.year > 1970
+
+
 def test_modify_file_on_a_branch_with_a_finished_head_makes_a_one_off_commit(double, client):
     before = double.head("out")
     client.pfs.put_file_from_bytes(commit=pfs.Commit(branch=MASTER), path="/one", data=b"off")

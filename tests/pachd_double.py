@@ -590,6 +590,12 @@ class PachdDouble:
             self.modify_stream_open.set()
         try:
             return self._apply_modify_stream(requests, context)
+        except PachdError:
+            raise
+        except Exception:
+            if context.is_active():
+                raise
+            return Empty()  # the client went away mid-stream: nothing applied, nobody to tell
         finally:
             with self._lock:
                 self._open_streams = max(0, self._open_streams - 1)
@@ -600,6 +606,7 @@ class PachdDouble:
         requests = iter(requests)
         first = next(requests, None)
         if first is None or betterproto.which_one_of(first, "body")[0] != "set_commit":
+            # api_server.go readCommit: errors.Errorf, so UNKNOWN.
             raise PachdError(grpc.StatusCode.UNKNOWN, "first message must be a commit")
         target = first.set_commit
         with self._lock:
@@ -619,9 +626,9 @@ class PachdDouble:
                     self._wait_while_held(context)
             elif kind == "delete_file":
                 operations.append(("delete", clean_path(request.delete_file.path), b""))
-            elif kind == "set_commit":
+            elif kind == "set_commit":  # server_file.go modifyFileFromSource
                 raise PachdError(grpc.StatusCode.UNKNOWN, "cannot set commit")
-            else:
+            else:  # copy_file: pachd has it, the double does not
                 raise PachdError(grpc.StatusCode.UNIMPLEMENTED,
                                  "the double models add_file and delete_file only")
         if not context.is_active():

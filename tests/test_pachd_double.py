@@ -300,6 +300,7 @@ def test_fail_next_fails_calls_unapplied_then_lets_them_through(double, client):
 
 def test_held_streams_wait_after_their_first_add_file(double, client):
     commit = client.pfs.start_commit(branch=MASTER)
+    assert pfs.Commit.from_uri(f"default/out@{commit.id}").id == commit.id
     double.hold_modify_streams(True)
     writer = threading.Thread(target=stream, args=(client, commit, add("/a", b"1"), add("/b", b"2")))
     writer.start()
@@ -329,3 +330,29 @@ def test_standalone_double_serves_until_sigterm(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
+
+
+def test_a_client_killed_mid_stream_lands_nothing(double, client):
+    commit = client.pfs.start_commit(branch=MASTER)
+    assert pfs.Commit.from_uri(f"default/out@{commit.id}").id == commit.id
+    double.hold_modify_streams(True)
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+from pachyderm_sdk import Client
+from pachyderm_sdk.api import pfs
+client = Client("127.0.0.1", {double.port}, auth_token={TOKEN!r})
+commit = pfs.Commit.from_uri("default/out@{commit.id}")
+client.pfs.modify_file(iter([pfs.ModifyFileRequest(set_commit=commit)] + [
+    pfs.ModifyFileRequest(add_file=pfs.AddFile(path=f"/m/{{i}}", raw=b"x")) for i in range(3)]))
+"""])
+    try:
+        wait_until(double.modify_stream_open.is_set, 20, "the writer's stream")
+        assert writer.poll() is None  # held after its first add_file, not refused
+        writer.kill()
+        writer.wait(10)
+        wait_until(lambda: not double.modify_stream_open.is_set(), 10, "the stream to be dropped")
+    finally:
+        writer.kill()
+        double.hold_modify_streams(False)
+    assert double.head("out").files == {} and double.head("out").modify_streams == 0
+    client.pfs.finish_commit(commit=commit)
+    assert double.head("out").finished

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
 import re
 import shutil
@@ -9,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import betterproto
 import pytest
+from pachyderm_sdk.api import pps
 from conftest import ROOT, SPOUT
 
 import spout
@@ -106,6 +110,175 @@ def test_group_mode_overwrites_and_marker_mode_names_its_marker():
     raw, marker = parse_spec("pipeline-marker.json")
     assert marker.spout.marker == raw["transform"]["env"]["MARKER"]
     assert marker.transform.image == group.transform.image
+
+
+# --- the 2.x spec -------------------------------------------------------------------------------
+# pachctl 2.x reads a spec with protojson's default options (src/internal/ppsutil/decoder.go):
+# an unknown field is an error. betterproto's from_dict skips unknown keys, so the walk below
+# checks the JSON against the SDK's generated CreatePipelineRequest itself.
+V2_SPEC = "pipeline-v2.json"
+INTEGER_TYPES = {betterproto.TYPE_INT32, betterproto.TYPE_INT64, betterproto.TYPE_SINT32,
+                 betterproto.TYPE_SINT64, betterproto.TYPE_SFIXED32, betterproto.TYPE_SFIXED64,
+                 betterproto.TYPE_UINT32, betterproto.TYPE_UINT64, betterproto.TYPE_FIXED32,
+                 betterproto.TYPE_FIXED64}
+UNSIGNED_TYPES = {betterproto.TYPE_UINT32, betterproto.TYPE_UINT64, betterproto.TYPE_FIXED32,
+                  betterproto.TYPE_FIXED64}
+FLOAT_TYPES = {betterproto.TYPE_FLOAT, betterproto.TYPE_DOUBLE}
+DURATION = re.compile(r"-?\d+(\.\d{1,9})?s")
+
+
+class ProtoJSONError(ValueError):
+    """What protojson.Unmarshal would refuse, with the JSON path of the culprit."""
+
+
+def json_names(field_name: str) -> tuple[str, str]:
+    """The two keys protojson accepts for a field: its proto name and its lowerCamelCase JSON
+    name. betterproto renames Python keywords with a trailing underscore (from_)."""
+    proto = field_name.rstrip("_")
+    first, *rest = proto.split("_")
+    return proto, first + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def check_message(cls: type[betterproto.Message], value, where: str) -> None:
+    if not isinstance(value, dict):
+        raise ProtoJSONError(f"{where or 'spec'}: expected an object for {cls.__name__}")
+    meta = cls()._betterproto
+    field_by_key = {key: name for name in meta.meta_by_field_name for key in json_names(name)}
+    seen: dict[str, str] = {}
+    oneofs: dict[str, str] = {}
+    for key, item in value.items():
+        path = f"{where}.{key}" if where else key
+        name = field_by_key.get(key)
+        if name is None:
+            raise ProtoJSONError(f'unknown field "{key}" in {cls.__name__} at {where or "top"}')
+        if name in seen:
+            raise ProtoJSONError(f"{path}: duplicate field (also given as {seen[name]})")
+        seen[name] = key
+        if item is None:
+            continue  # protojson: null leaves the field unset
+        group = meta.oneof_group_by_field.get(name)
+        if group is not None:
+            if group in oneofs:
+                raise ProtoJSONError(f"{path}: oneof {group} already set by {oneofs[group]}")
+            oneofs[group] = key
+        check_field(meta, name, item, path)
+
+
+def check_field(meta, name: str, item, path: str) -> None:
+    field = meta.meta_by_field_name[name]
+    default = meta.default_gen[name]()
+    if field.proto_type == betterproto.TYPE_MAP:
+        if not isinstance(item, dict):
+            raise ProtoJSONError(f"{path}: expected an object (a map)")
+        key_type, value_type = field.map_types
+        for key, element in item.items():
+            if key_type in INTEGER_TYPES and not re.fullmatch(r"-?\d+", key):
+                raise ProtoJSONError(f"{path}: map key {key!r} is not an integer")
+            check_value(value_type, meta.cls_by_field.get(f"{name}.value"), element,
+                        f"{path}[{key}]")
+    elif isinstance(default, list):
+        if not isinstance(item, list):
+            raise ProtoJSONError(f"{path}: expected a list")
+        for index, element in enumerate(item):
+            check_value(field.proto_type, meta.cls_by_field.get(name), element,
+                        f"{path}[{index}]")
+    else:
+        check_value(field.wraps or field.proto_type, meta.cls_by_field.get(name), item, path)
+
+
+def check_value(proto_type: str, cls, item, path: str) -> None:
+    def wrong(expected: str):
+        return ProtoJSONError(f"{path}: expected {expected}, got {json.dumps(item)}")
+
+    if proto_type == betterproto.TYPE_MESSAGE:
+        if cls is datetime.datetime:  # google.protobuf.Timestamp: an RFC 3339 string
+            try:
+                datetime.datetime.fromisoformat(item.replace("Z", "+00:00"))
+            except (AttributeError, ValueError):
+                raise wrong("an RFC 3339 timestamp") from None
+        elif cls is datetime.timedelta:  # google.protobuf.Duration: "1.5s"
+            if not (isinstance(item, str) and DURATION.fullmatch(item)):
+                raise wrong('a duration like "30s"')
+        else:
+            check_message(cls, item, path)
+    elif proto_type == betterproto.TYPE_STRING:
+        if not isinstance(item, str):
+            raise wrong("a string")
+    elif proto_type == betterproto.TYPE_BOOL:
+        if not isinstance(item, bool):
+            raise wrong("true or false")
+    elif proto_type in INTEGER_TYPES:  # a number, or a string of digits
+        integral = ((isinstance(item, int) and not isinstance(item, bool))
+                    or (isinstance(item, float) and item.is_integer())
+                    or (isinstance(item, str) and re.fullmatch(r"-?\d+", item)))
+        if not integral or (proto_type in UNSIGNED_TYPES and int(item) < 0):
+            raise wrong("an integer")
+    elif proto_type in FLOAT_TYPES:
+        numeric = isinstance(item, (int, float)) and not isinstance(item, bool)
+        if not numeric and item not in ("NaN", "Infinity", "-Infinity"):
+            raise wrong("a number")
+    elif proto_type == betterproto.TYPE_BYTES:
+        try:
+            base64.b64decode(item.replace("-", "+").replace("_", "/"), validate=True)
+        except (AttributeError, ValueError):
+            raise wrong("base64 bytes") from None
+    elif proto_type == betterproto.TYPE_ENUM:
+        names = {member.name for member in cls}
+        if not (item in names or (isinstance(item, int) and not isinstance(item, bool))):
+            raise wrong(f"one of {sorted(names)}")
+    else:
+        raise ProtoJSONError(f"{path}: the walk does not know proto type {proto_type}")
+
+
+def parse_v2_spec(name: str = V2_SPEC) -> tuple[dict, pps.CreatePipelineRequest]:
+    raw = json.loads((ROOT / name).read_text())
+    check_message(pps.CreatePipelineRequest, raw, "")
+    return raw, pps.CreatePipelineRequest().from_dict(raw)
+
+
+def test_v2_spec_parses_strictly_as_a_2x_create_pipeline_request():
+    raw, request = parse_v2_spec()
+    assert request.pipeline.name == "kafka-spout"
+    assert request.pipeline.project.name == "default"
+    assert request.is_set("spout") and request.spout == pps.Spout()  # "spout": {}
+    assert not request.is_set("input")
+    assert request.transform.cmd == dockerfile_cmd()
+    _, v1 = parse_spec("pipeline.json")
+    assert request.transform.image == v1.transform.image
+    env = raw["transform"]["env"]
+    assert all(isinstance(value, str) for value in env.values())
+    assert env["DELIVERY"] == "pfs"
+    assert {"HOST", "PORT", "TOPIC", "BATCH_MAX_MESSAGES", "BATCH_MAX_SECONDS",
+            "LOG_LEVEL"} <= set(env)
+    assert "exactly once" in request.description and "description" in request.description
+
+
+def test_the_strict_v2_walk_accepts_what_protojson_accepts():
+    check_message(pps.CreatePipelineRequest, {
+        "pipeline": {"name": "p", "project": None},
+        "transform": {"env": {"A": "b"}, "cmd": [], "acceptReturnCode": [1, "2"]},
+        "datum_tries": "3", "datumTimeout": "30s", "parallelismSpec": {"constant": 2},
+        "autoscaling": True, "tolerations": [{"key": "k", "effect": "NO_SCHEDULE"}],
+    }, "")
+
+
+@pytest.mark.parametrize("spec, culprit", [
+    ({"pipelin": {"name": "p"}}, 'unknown field "pipelin"'),
+    ({"transform": {"enviroment": {"A": "b"}}}, 'unknown field "enviroment" in Transform'),
+    ({"pipeline": {"project": {"nme": "default"}}}, 'unknown field "nme" in Project'),
+    ({"spout": {"overwrite": True}}, 'unknown field "overwrite" in Spout'),  # 1.x only
+    ({"spout": True}, "spout: expected an object"),
+    ({"transform": {"env": {"A": 1}}}, "transform.env[A]: expected a string"),
+    ({"transform": {"cmd": "python"}}, "transform.cmd: expected a list"),
+    ({"datumTries": "three"}, "datumTries: expected an integer"),
+    ({"autoscaling": "yes"}, "autoscaling: expected true or false"),
+    ({"datumTimeout": 30}, "datumTimeout: expected a duration"),
+    ({"tolerations": [{"effect": "SOMETIMES"}]}, "tolerations[0].effect: expected one of"),
+    ({"datum_tries": 1, "datumTries": 2}, "duplicate field"),
+])
+def test_the_strict_v2_walk_rejects_what_protojson_rejects(spec, culprit):
+    with pytest.raises(ProtoJSONError, match=re.escape(culprit)):
+        check_message(pps.CreatePipelineRequest, spec, "")
 
 
 def test_readme_documents_every_setting():

@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 from urllib.parse import quote
 
 log = logging.getLogger("kafka-spout")
+__version__ = "0.1.0"
 
 # --------------------------------------------------------------------------- configuration
 
@@ -255,6 +256,14 @@ SETTINGS: tuple[Setting, ...] = (
             "group mode: static membership, a restarted spout gets its partitions back"),
     Setting("LOG_LEVEL", "log_level", parse_choice("DEBUG", "INFO", "WARNING"), "INFO",
             "DEBUG, INFO or WARNING"),
+    Setting("LOG_FORMAT", "log_format", parse_choice("text", "json"), "text",
+            "text, or json: one JSON object per line for log platforms"),
+    Setting("METRICS_PORT", "metrics_port", parse_port, None,
+            "serve Prometheus /metrics and /healthz on this port (unset: no server)"),
+    Setting("METRICS_ADDRESS", "metrics_address", parse_nonempty, "0.0.0.0",
+            "with METRICS_PORT: the address the server listens on"),
+    Setting("HEALTH_MAX_DELIVERY_SECONDS", "health_max_delivery_seconds", parse_seconds,
+            "300", "/healthz fails when messages wait and no commit was held this long"),
 )
 
 # Options the spout sets itself; a KAFKA_ variable may not override them.
@@ -328,6 +337,10 @@ class Config:
     marker: str | None = None
     group_instance_id: str | None = None
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_port: int | None = None
+    metrics_address: str = "0.0.0.0"
+    health_max_delivery_seconds: float = 300.0
     kafka_options: Mapping[str, object] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
 
@@ -970,6 +983,7 @@ class PipeWriter:
         self.torn = False         # an archive was abandoned half-written: write nothing more
         self.capacity = 0
         self.unread_supported = _FIONREAD is not None
+        self.waiting_since: float | None = None   # open() waits for a reader since then
 
     def open(self, deadline: float | None = None) -> None:
         """Waits for a reader, polling: a blocking open cannot be given up at a deadline."""
@@ -979,10 +993,13 @@ class PipeWriter:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 self.written = 0
                 self.capacity = self._grow_pipe()
+                self.waiting_since = None
                 return
             except OSError as error:
                 if error.errno != errno.ENXIO:  # ENXIO: no reader has the pipe open yet
                     raise
+            if self.waiting_since is None:
+                self.waiting_since = time.monotonic()
             wait_or_stop(self.stop, delay, deadline)
             delay = min(delay * 2, 0.05)
 
@@ -1119,7 +1136,11 @@ class PipeArchives:
         self.in_flight: deque[Pending] = deque()
         self.delivered: list = []
         self.broken_pipes = 0
+        self.rewritten = 0    # archives written again for another reader
         self._reader_gone_since: float | None = None
+        # Unlike _reader_gone_since, not reset when the archives are written again: since
+        # when the reader has been missing while archives wait.
+        self.reader_missing_since: float | None = None
 
     def send(self, archive: Archive, token, deadline: float | None = None) -> None:
         self.in_flight.append(Pending(archive, token))
@@ -1141,6 +1162,8 @@ class PipeArchives:
                 entry.end = self.pipe.written
                 entries.pop(0)
             except BrokenPipeError:
+                if self.reader_missing_since is None:
+                    self.reader_missing_since = time.monotonic()
                 if self._reader_back_between_archives(entry, deadline):
                     continue
                 entries = self._requeue()
@@ -1177,6 +1200,8 @@ class PipeArchives:
         self._release(lambda entry: entry.end < consumed)
         for entry in self.in_flight:
             entry.start = entry.end = None
+            if entry.archive.members:
+                self.rewritten += 1
         return list(self.in_flight)
 
     def check_reader(self) -> None:
@@ -1184,11 +1209,13 @@ class PipeArchives:
         worker makes a fresh FIFO): once it stays gone, write them again to whatever reader
         opens the path next. A short absence is a 1.8-1.10 reader between two archives."""
         if not self.in_flight or not self.pipe.reader_gone():
-            self._reader_gone_since = None
+            self._reader_gone_since = self.reader_missing_since = None
             return
         now = time.monotonic()
         if self._reader_gone_since is None:
             self._reader_gone_since = now
+        if self.reader_missing_since is None:
+            self.reader_missing_since = now
         elif now - self._reader_gone_since >= READER_GONE_SECONDS:
             self._reader_gone_since = None
             entries = self._requeue()
@@ -1272,6 +1299,17 @@ class Delivery:
     def close(self, deadline: float) -> None:
         """Leaves nothing open behind, as far as the deadline allows."""
 
+    # Read by the metrics server's thread while the loop may be inside send(): they only
+    # read attributes that the loop's thread sets.
+    def unreachable(self) -> tuple[float, str] | None:
+        """(since when, on time.monotonic(), and what) Pachyderm has been out of reach while
+        batches wait for it; None while it takes them."""
+        return None
+
+    def redelivered(self) -> int:
+        """Archives or commits written again so far, after a lost reader or a failed commit."""
+        return 0
+
 
 class PipeDelivery(Delivery):
     """Pachyderm 1.x: tar archives through the named pipe, the marker in every one."""
@@ -1311,6 +1349,16 @@ class PipeDelivery(Delivery):
 
     def close(self, deadline: float) -> None:
         self.archives.pipe.close()
+
+    def unreachable(self) -> tuple[float, str] | None:
+        times = [since for since in (self.archives.reader_missing_since,
+                                     self.archives.pipe.waiting_since) if since is not None]
+        if not times:
+            return None
+        return min(times), f"no reader has the pipe {self.archives.pipe.path} open"
+
+    def redelivered(self) -> int:
+        return self.archives.rewritten
 
 
 # A value is sent in pieces well under the 20 MB that pachd and the SDK accept per message.
@@ -1447,6 +1495,7 @@ class PfsDelivery(Delivery):
         self.delivered: list[Outgoing] = []
         self.unsettled = None   # a commit that an attempt started and may have left open
         self.redeliveries = 0
+        self.unreachable_since: float | None = None
 
     # -- errors
     _FATAL = ("UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "INVALID_ARGUMENT")
@@ -1474,11 +1523,15 @@ class PfsDelivery(Delivery):
         delay = 1.0
         while True:
             try:
-                return self._read_record()
+                record = self._read_record()
+                self.unreachable_since = None
+                return record
             except grpc.RpcError as error:
                 refused = self.refused(error)
                 if refused:
                     raise refused from None
+                if self.unreachable_since is None:
+                    self.unreachable_since = time.monotonic()
                 log.warning("cannot reach pachd at %s (%s); retrying in %.0fs", self.address,
                             describe_rpc_error(error), delay)
             except _ForeignOpenCommit as error:
@@ -1534,12 +1587,15 @@ class PfsDelivery(Delivery):
         while True:
             try:
                 self._commit(batch.members, batch.data_bytes, description, deadline)
+                self.unreachable_since = None
                 break
             except grpc.RpcError as error:
                 refused = self.refused(error)
                 if refused:
                     raise refused from None
                 self.redeliveries += 1
+                if self.unreachable_since is None:
+                    self.unreachable_since = time.monotonic()
                 log.warning("commit to %s at %s failed (%s); writing the batch again, whole, "
                             "in %.1fs", self.repo, self.address, describe_rpc_error(error),
                             delay)
@@ -1579,6 +1635,13 @@ class PfsDelivery(Delivery):
     def held(self, final: bool = False) -> list[Outgoing]:
         delivered, self.delivered = self.delivered, []
         return delivered
+
+    def unreachable(self) -> tuple[float, str] | None:
+        since = self.unreachable_since
+        return None if since is None else (since, f"pachd at {self.address} is unreachable")
+
+    def redelivered(self) -> int:
+        return self.redeliveries
 
     def close(self, deadline: float) -> None:
         if self.client is None:
@@ -1640,6 +1703,14 @@ class Stats:
                 f"tombstones={self.tombstones} rate={self.messages / elapsed:.1f} msg/s "
                 f"({self.bytes / elapsed / 1e6:.2f} MB/s) since start")
 
+    def fields(self) -> dict:
+        """The line's numbers, for LOG_FORMAT=json."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {"messages": self.messages, "bytes": self.bytes, "archives": self.archives,
+                "tombstones": self.tombstones,
+                "rate_messages_per_second": round(self.messages / elapsed, 1),
+                "rate_megabytes_per_second": round(self.bytes / elapsed / 1e6, 2)}
+
 
 STATS_INTERVAL = 30.0
 # SIGTERM to exit within 10 s: a poll (0.5 s) + a commit in progress (2 s) + this + close (1 s).
@@ -1678,6 +1749,7 @@ class Spout:
         self.connected = True
         self.assigned: set = set()
         self.consumer = None
+        self.monitor = Monitor()   # main() puts a MetricsMonitor here when METRICS_PORT is set
 
     # -- Kafka
     def consumer_options(self) -> dict:
@@ -1700,8 +1772,10 @@ class Spout:
         while not self.stop.is_set():
             try:
                 self.consumer = KafkaConsumer(**self.consumer_options())
+                self.monitor.kafka_reachable(True)
                 return True
             except KafkaError as error:
+                self.monitor.kafka_reachable(False)
                 log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",
                             self.config.broker_address, type(error).__name__, delay)
             if self.stop.wait(delay):
@@ -1779,6 +1853,7 @@ class Spout:
         for tp, offset in self.batch.drop(revoked).items():
             self.consumer.seek(tp, offset)
         self.unresolved -= revoked
+        self.monitor.forget(revoked)
 
     def on_assigned(self, assigned: set) -> None:
         """Group mode. Where the delivery records what Pachyderm holds, a partition must not
@@ -1809,6 +1884,7 @@ class Spout:
     def commit(self, timeout_ms: int = 2000, final: bool = False) -> None:
         for outgoing in self.delivery.held():
             self.uncommitted.update(outgoing.commit)
+            self.monitor.held(outgoing)
         if not self.uncommitted or (time.monotonic() < self.next_commit and not final):
             return
         if not self.config.exactly_once:
@@ -1838,6 +1914,7 @@ class Spout:
         """
         metrics = self.consumer.metrics().get("consumer-metrics", {})
         connected = metrics.get("connection-count", 1) > 0
+        self.monitor.kafka_reachable(connected)
         if connected != self.connected:
             self.connected = connected
             if connected:
@@ -1968,23 +2045,27 @@ class Spout:
                 except KafkaError as error:
                     log.warning("polling %s failed (%s: %s); retrying",
                                 self.config.broker_address, type(error).__name__, error)
+                    self.monitor.kafka_reachable(False)
                     records = None
                     self.stop.wait(1.0)
                 if records:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("polled %d record(s)", sum(map(len, records.values())))
+                    tombstones = self.stats.tombstones
                     self.add(records)
+                    self.monitor.polled(records, self.stats.tombstones - tombstones)
                 if self.unresolved:
                     self.resolve_assigned()
                 if self.batch.records and self.batch_due_in() <= 0:
                     self.flush()
                 self.delivery.check()
                 self.commit()
+                self.monitor.refresh()
                 if time.monotonic() >= next_health_check:
                     self.check_connection()
                     next_health_check += HEALTH_CHECK_INTERVAL
                 if time.monotonic() >= next_stats:
-                    log.info(self.stats.line())
+                    log.info(self.stats.line(), extra={"fields": self.stats.fields()})
                     next_stats += STATS_INTERVAL
         except Stopped:
             pass
@@ -1997,6 +2078,7 @@ class Spout:
             self.flush(deadline)
             for outgoing in self.delivery.drain(deadline):
                 self.uncommitted.update(outgoing.commit)
+                self.monitor.held(outgoing)
         except Stopped:
             log.warning("Pachyderm did not take the last batch in time; its messages stay "
                         "uncommitted and will be read again")
@@ -2004,8 +2086,305 @@ class Spout:
         self.commit(timeout_ms=remaining_ms, final=True)
         self.delivery.close(deadline + 1.0)
         self.consumer.close(autocommit=False, timeout_ms=1000)
-        log.info("stopped; %s", self.stats.line())
+        log.info("stopped; %s", self.stats.line(), extra={"fields": self.stats.fields()})
         return 0
+
+
+# --------------------------------------------------------------------------- metrics and health
+
+# Kafka or Pachyderm out of reach this long fails /healthz; shorter absences are routine (a
+# 1.8-1.10 reader reopens the pipe for every archive, kafka-python reconnects by itself).
+HEALTH_GRACE_SECONDS = 5.0
+# Lag and offsets are refreshed this often, between polls: per partition, not per message.
+METRICS_REFRESH_SECONDS = 0.5
+_FILES_PER_MESSAGE = {"raw": 1, "json": 1, "raw+meta": 2}
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+BATCH_MESSAGES_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000)
+BATCH_BYTES_BUCKETS = tuple(1024 * 4**n for n in range(10))   # 1 KiB .. 256 MiB
+
+
+class Monitor:
+    """What the loop tells as it goes, in its own thread. This one ignores it: no
+    METRICS_PORT, no server, no thread."""
+
+    def polled(self, records: Mapping, tombstones: int) -> None:
+        """A non-empty poll went into the batch; it held this many null values."""
+
+    def held(self, outgoing: Outgoing) -> None:
+        """Pachyderm holds this batch now."""
+
+    def kafka_reachable(self, reachable: bool) -> None:
+        """Whether the consumer could reach a broker, as last found out."""
+
+    def forget(self, partitions: set) -> None:
+        """Partitions revoked: another spout reports them now."""
+
+    def refresh(self) -> None:
+        """Between polls."""
+
+    def close(self) -> None:
+        """At exit."""
+
+
+class MetricsMonitor(Monitor):
+    """Prometheus metrics and the health rule, served over HTTP from a thread of its own.
+
+    Counters move when Pachyderm holds a batch (Delivery.held), never per message. The
+    server's thread reads plain attributes that the loop's thread sets: the loop may be
+    stuck in a delivery, and that is exactly when /healthz must answer.
+    """
+
+    def __init__(self, config: Config, spout: Spout):
+        import prometheus_client as prometheus
+        self.prometheus = prometheus
+        self.config = config
+        self.spout = spout
+        self.registry = registry = prometheus.CollectorRegistry()
+        prometheus.ProcessCollector(registry=registry)
+
+        def metric(kind, name, text, labels=(), **options):
+            return kind(name, text, labels, namespace="kafka_spout", registry=registry,
+                        **options)
+        counter, gauge, histogram = prometheus.Counter, prometheus.Gauge, prometheus.Histogram
+        self.messages = metric(counter, "messages", "Messages in commits Pachyderm holds",
+                               ["topic"])
+        self.bytes = metric(counter, "bytes", "Bytes of the files in commits Pachyderm holds "
+                            "(the values' bytes with FORMAT=raw)", ["topic"])
+        self.commits = metric(counter, "commits", "Commits Pachyderm holds (1.x: archives "
+                              "its reader took)")
+        self.redeliveries = metric(counter, "redeliveries", "Archives or commits written "
+                                   "again after a lost reader or a failed commit")
+        self.tombstones = metric(counter, "tombstones", "Null values seen", ["topic"])
+        self.lag = metric(gauge, "consumer_lag", "High watermark minus the next offset "
+                          "Pachyderm holds", ["topic", "partition"])
+        self.delivered_offset = metric(gauge, "delivered_offset", "The next offset "
+                                       "Pachyderm holds: where a restart resumes",
+                                       ["topic", "partition"])
+        self.last_delivery = metric(gauge, "last_delivery_timestamp_seconds", "When "
+                                    "Pachyderm last took a commit (Unix time)")
+        self.latency = metric(histogram, "delivery_latency_seconds", "From a batch's first "
+                              "message polled to its commit held", buckets=LATENCY_BUCKETS)
+        self.batch_messages = metric(histogram, "batch_messages", "Messages per commit",
+                                     buckets=BATCH_MESSAGES_BUCKETS)
+        self.batch_bytes = metric(histogram, "batch_bytes", "Bytes per commit",
+                                  buckets=BATCH_BYTES_BUCKETS)
+        prometheus.Info("kafka_spout", "The spout's version and settings",
+                        registry=registry).info({
+                            "version": __version__, "delivery": config.delivery,
+                            "mode": config.mode,
+                            "topics": ",".join(config.topics) or str(config.topic_pattern)})
+        for topic in config.topics:  # series from the start: rate() needs a first sample
+            for family in (self.messages, self.bytes, self.tombstones):
+                family.labels(topic)
+        self.files_per_message = _FILES_PER_MESSAGE[config.format]
+        self.delivered: dict = {}    # TopicPartition -> the next offset Pachyderm holds
+        self.exported: set = set()   # partitions with lag and offset series
+        self.counted_redeliveries = 0
+        self.redelivery_lock = threading.Lock()
+        self.next_refresh = 0.0
+        # The health rule's inputs, on time.monotonic(); set by the loop's thread only.
+        self.progress_at = time.monotonic()     # a batch was held (or the spout started)
+        self.waiting_since: float | None = None  # messages not yet held wait since then
+        self.kafka_down_since: float | None = None
+        self.last_commit_at: float | None = None
+        self.server = None
+
+    # -- what the loop tells
+    def polled(self, records: Mapping, tombstones: int) -> None:
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+        delivered = self.delivered
+        for tp, messages in records.items():
+            if tp not in delivered and messages:
+                delivered[tp] = messages[0].offset  # polling resumes where Pachyderm's hold ends
+        if tombstones:
+            topics = {tp.topic for tp in records}
+            if len(topics) == 1:
+                self.tombstones.labels(topics.pop()).inc(tombstones)
+            else:
+                for tp, messages in records.items():
+                    count = sum(1 for record in messages if record.value is None)
+                    if count:
+                        self.tombstones.labels(tp.topic).inc(count)
+
+    def held(self, outgoing: Outgoing) -> None:
+        now = time.monotonic()
+        self.progress_at = now
+        self.delivered.update(outgoing.commit)
+        batch = outgoing.batch
+        if not batch.members:  # only skipped tombstones: no commit
+            return
+        self.last_commit_at = now
+        self.last_delivery.set(time.time())
+        self.commits.inc()
+        self.latency.observe(max(now - batch.started, 0.0))
+        topics = {tp.topic for tp in batch.offsets}
+        if len(topics) == 1:
+            per_topic = {topics.pop(): (len(batch.members), batch.data_bytes)}
+        else:
+            per_topic = {}
+            for tp, (_, data, _) in zip(batch.partitions, batch.members):
+                files, size = per_topic.get(tp.topic, (0, 0))
+                per_topic[tp.topic] = (files + 1, size + len(data))
+        messages = 0
+        for topic, (files, size) in per_topic.items():
+            self.messages.labels(topic).inc(files // self.files_per_message)
+            self.bytes.labels(topic).inc(size)
+            messages += files // self.files_per_message
+        self.batch_messages.observe(messages)
+        self.batch_bytes.observe(batch.data_bytes)
+        self.count_redeliveries()
+
+    def kafka_reachable(self, reachable: bool) -> None:
+        if reachable:
+            self.kafka_down_since = None
+        elif self.kafka_down_since is None:
+            self.kafka_down_since = time.monotonic()
+
+    def forget(self, partitions: set) -> None:
+        for tp in partitions:
+            self.delivered.pop(tp, None)
+
+    def refresh(self) -> None:
+        """Lag and delivered offsets of every partition owned, and whether messages wait."""
+        now = time.monotonic()
+        if now < self.next_refresh:
+            return
+        self.next_refresh = now + METRICS_REFRESH_SECONDS
+        self.count_redeliveries()
+        spout, consumer = self.spout, self.spout.consumer
+        waiting = spout.batch.records > 0
+        owned = consumer.assignment()
+        for tp in owned:
+            # What fetches carried: end_offsets() asks the broker, and some answer wrongly.
+            highwater = consumer.highwater(tp)
+            delivered = self.delivered.get(tp)
+            if delivered is None:
+                if not self.config.exactly_once or tp not in spout.positions:
+                    continue  # nothing polled yet: its lag shows once its first batch is held
+                delivered = self.delivered[tp] = spout.positions[tp]
+            labels = (tp.topic, str(tp.partition))
+            self.delivered_offset.labels(*labels).set(delivered)
+            if highwater is not None:
+                lag = max(highwater - delivered, 0)
+                self.lag.labels(*labels).set(lag)
+                waiting = waiting or lag > 0
+            self.exported.add(tp)
+        for tp in self.exported - owned:
+            self.exported.discard(tp)
+            for family in (self.lag, self.delivered_offset):
+                try:
+                    family.remove(tp.topic, str(tp.partition))
+                except KeyError:
+                    pass
+        if not waiting:
+            self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = now
+
+    def count_redeliveries(self) -> None:
+        with self.redelivery_lock:
+            total = self.spout.delivery.redelivered()
+            if total > self.counted_redeliveries:
+                self.redeliveries.inc(total - self.counted_redeliveries)
+                self.counted_redeliveries = total
+
+    # -- what the server's thread asks
+    def health(self) -> tuple[bool, dict]:
+        """The health rule: Kafka and Pachyderm within reach, and commits going through."""
+        now = time.monotonic()
+        problems = []
+        down = self.kafka_down_since
+        if down is not None and now - down > HEALTH_GRACE_SECONDS:
+            problems.append(f"Kafka at {self.config.broker_address} has been unreachable "
+                            f"for {now - down:.0f}s")
+        unreachable = self.spout.delivery.unreachable()
+        if unreachable is not None and now - unreachable[0] > HEALTH_GRACE_SECONDS:
+            problems.append(f"{unreachable[1]} for {now - unreachable[0]:.0f}s while "
+                            "batches wait")
+        waiting = self.waiting_since
+        if waiting is not None:
+            stalled = now - max(waiting, self.progress_at)
+            if stalled > self.config.health_max_delivery_seconds:
+                problems.append(f"no commit held for {stalled:.0f}s while messages wait "
+                                f"(HEALTH_MAX_DELIVERY_SECONDS="
+                                f"{self.config.health_max_delivery_seconds:g})")
+        last = self.last_commit_at
+        body = {"status": "unhealthy" if problems else "ok", "delivery": self.config.delivery,
+                "waiting": waiting is not None,
+                "last_commit_seconds_ago": None if last is None else round(now - last, 1)}
+        if problems:
+            body["reasons"] = problems
+        return not problems, body
+
+    def exposition(self) -> tuple[bytes, str]:
+        self.count_redeliveries()  # live even while the loop waits inside a delivery
+        return (self.prometheus.generate_latest(self.registry),
+                self.prometheus.CONTENT_TYPE_LATEST)
+
+    # -- the server
+    def serve(self) -> None:
+        """Listens on METRICS_ADDRESS:METRICS_PORT, or raises ConfigError."""
+        import http.server
+        import socket
+        monitor = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    status, (body, content_type) = 200, monitor.exposition()
+                elif path == "/healthz":
+                    healthy, document = monitor.health()
+                    status, content_type = (200 if healthy else 503), "application/json"
+                    body = json.dumps(document).encode() + b"\n"
+                else:
+                    status, content_type = 404, "text/plain; charset=utf-8"
+                    body = b"kafka-spout serves /metrics and /healthz\n"
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass  # a scrape every few seconds is no news
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in self.config.metrics_address \
+                else socket.AF_INET
+
+        address, port = self.config.metrics_address, self.config.metrics_port
+        shown = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        try:
+            self.server = Server((address, port), Handler)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError("METRICS_PORT", f"{shown} is already in use") from None
+            raise ConfigError("METRICS_ADDRESS", f"cannot listen on {shown} "
+                              f"({error.strerror or error})") from None
+        threading.Thread(target=self.server.serve_forever, name="metrics",
+                         daemon=True).start()
+        log.info("serving /metrics and /healthz on http://%s", shown)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+class JsonLogFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one object per line, with the stats line's numbers as fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        document = {"time": f"{stamp}.{int(record.msecs):03d}Z", "level": record.levelname,
+                    "logger": record.name, "message": record.getMessage()}
+        document.update(getattr(record, "fields", None) or {})
+        if record.exc_info:  # kafka-python logs tracebacks: the error alone, as text does
+            document["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+        return json.dumps(document, ensure_ascii=False, default=str)
 
 
 # --------------------------------------------------------------------------- main
@@ -2020,9 +2399,10 @@ class OneLineFormatter(logging.Formatter):
         return super().format(record).replace("\n", " ")
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else
+                         OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     log.setLevel(level)
 
@@ -2039,7 +2419,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ConfigError as error:
         print(f"spout.py: error: {error}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     stop = threading.Event()
 
     def request_stop(signum, _frame):
@@ -2049,11 +2429,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     log.info("starting: %s", config.describe())
+    spout = Spout(config, stop)
     try:
-        return Spout(config, stop).run()
+        if config.metrics_port is not None:
+            spout.monitor = MetricsMonitor(config, spout)
+            spout.monitor.serve()
+        return spout.run()
     except ConfigError as error:
         print(f"spout.py: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        spout.monitor.close()
 
 
 if __name__ == "__main__":

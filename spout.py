@@ -2051,9 +2051,11 @@ class Spout:
                 if records:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("polled %d record(s)", sum(map(len, records.values())))
+                    self.monitor.polled(records)
                     tombstones = self.stats.tombstones
                     self.add(records)
-                    self.monitor.polled(records, self.stats.tombstones - tombstones)
+                    if self.stats.tombstones != tombstones:
+                        self.monitor.tombstones_seen(records, self.stats.tombstones - tombstones)
                 if self.unresolved:
                     self.resolve_assigned()
                 if self.batch.records and self.batch_due_in() <= 0:
@@ -2107,8 +2109,11 @@ class Monitor:
     """What the loop tells as it goes, in its own thread. This one ignores it: no
     METRICS_PORT, no server, no thread."""
 
-    def polled(self, records: Mapping, tombstones: int) -> None:
-        """A non-empty poll went into the batch; it held this many null values."""
+    def polled(self, records: Mapping) -> None:
+        """A non-empty poll, about to go into the batch (which may be delivered on the way)."""
+
+    def tombstones_seen(self, records: Mapping, count: int) -> None:
+        """That poll held this many null values."""
 
     def held(self, outgoing: Outgoing) -> None:
         """Pachyderm holds this batch now."""
@@ -2190,22 +2195,23 @@ class MetricsMonitor(Monitor):
         self.server = None
 
     # -- what the loop tells
-    def polled(self, records: Mapping, tombstones: int) -> None:
+    def polled(self, records: Mapping) -> None:
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
         delivered = self.delivered
         for tp, messages in records.items():
             if tp not in delivered and messages:
                 delivered[tp] = messages[0].offset  # polling resumes where Pachyderm's hold ends
-        if tombstones:
-            topics = {tp.topic for tp in records}
-            if len(topics) == 1:
-                self.tombstones.labels(topics.pop()).inc(tombstones)
-            else:
-                for tp, messages in records.items():
-                    count = sum(1 for record in messages if record.value is None)
-                    if count:
-                        self.tombstones.labels(tp.topic).inc(count)
+
+    def tombstones_seen(self, records: Mapping, count: int) -> None:
+        topics = {tp.topic for tp in records}
+        if len(topics) == 1:
+            self.tombstones.labels(topics.pop()).inc(count)
+            return
+        for tp, messages in records.items():  # several topics: rare enough to look closer
+            nulls = sum(1 for record in messages if record.value is None)
+            if nulls:
+                self.tombstones.labels(tp.topic).inc(nulls)
 
     def held(self, outgoing: Outgoing) -> None:
         now = time.monotonic()

@@ -1333,7 +1333,7 @@ class PachdClient:
         import betterproto.lib.google.protobuf as protobuf
         from pachyderm_sdk.api import pfs
         from pachyderm_sdk.constants import GRPC_CHANNEL_OPTIONS
-        self.pfs, self.bytes_value = pfs, protobuf.BytesValue
+        self.pfs = pfs
         target, tls = parse_pachd_address(address)
         host_port = target.split("://", 1)[1]
         if tls:
@@ -1394,7 +1394,7 @@ class PachdClient:
                   deadline: float | None) -> None:
         """All files of a batch in one ModifyFile stream, each replacing any file of its name:
         pachd applies the stream only once it completes."""
-        pfs, bytes_value = self.pfs, self.bytes_value
+        pfs = self.pfs
 
         def requests():
             yield pfs.ModifyFileRequest(set_commit=commit)
@@ -1402,7 +1402,7 @@ class PachdClient:
                 yield pfs.ModifyFileRequest(delete_file=pfs.DeleteFile(path=name))
                 for start in range(0, len(data), MODIFY_FILE_CHUNK) if data else (0,):
                     yield pfs.ModifyFileRequest(add_file=pfs.AddFile(
-                        path=name, raw=bytes_value(value=data[start:start + MODIFY_FILE_CHUNK])))
+                        path=name, raw=data[start:start + MODIFY_FILE_CHUNK]))
         # Generous for big batches on slow links, yet bounded: a stuck stream is retried.
         self.call(self._modify_file, requests(), deadline, PACHD_CALL_SECONDS + size / 1e6)
 

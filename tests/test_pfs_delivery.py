@@ -324,3 +324,18 @@ def test_pachd_unreachable_at_start_is_retried_and_sigterm_still_stops(base_env,
     process.signal(signal.SIGTERM)
     assert process.wait(10) == 0
     assert "Traceback" not in process.log
+
+
+@pytest.mark.parametrize("sizes", [[0], [1, 127, 128], [16383, 16384, 300_000], [9_000_001]])
+def test_hand_encoded_modify_file_requests_equal_the_sdks(sizes):
+    from pachyderm_sdk.api import pfs
+    members = [(f"t/{i}/" + "k" * (i * 70), bytes([i % 251]) * size, 0)
+               for i, size in enumerate(sizes)]
+    chunk = 4 * 1024 * 1024
+    expected = []
+    for name, data, _ in members:
+        expected.append(bytes(pfs.ModifyFileRequest(delete_file=pfs.DeleteFile(path=name))))
+        for start in range(0, len(data), chunk) if data else (0,):
+            expected.append(bytes(pfs.ModifyFileRequest(
+                add_file=pfs.AddFile(path=name, raw=data[start:start + chunk]))))
+    assert list(spout.modify_file_requests(members, chunk)) == expected

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""kafka-spout: stream Kafka topics into a Pachyderm 1.x spout's /pfs/out.
+"""kafka-spout: stream Kafka topics into a Pachyderm spout's output repo.
 
-Each batch of messages becomes one tar archive written to the named pipe; Pachyderm turns
-every archive into one commit. The layers below build on each other from the top of the file:
+Each batch of messages becomes one commit: on Pachyderm 2.x one made through pachd's API, its
+description recording where every partition resumes; on 1.x one tar archive written to the
+named pipe /pfs/out. The layers below build on each other from the top of the file:
 configuration, naming, encoding, delivery, the consume loop, and main().
 """
 
@@ -615,7 +616,8 @@ class _OneLineArgumentParser(argparse.ArgumentParser):
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = _OneLineArgumentParser(
         prog="spout.py",
-        description="Stream Kafka topics into a Pachyderm 1.x spout's named pipe. Every "
+        description="Stream Kafka topics into a Pachyderm spout's output repo: commits "
+                    "through pachd (2.x) or archives through the named pipe (1.x). Every "
                     "setting comes from the environment variable in capitals; the flag wins.")
     for setting in SETTINGS:
         default = f" [{setting.default}]" if setting.default is not None else ""

@@ -85,7 +85,7 @@ def test_mixed_sizes_land_one_commit_per_batch_and_offsets_follow(broker, pachd,
                                                                   spouts):
     topic = create_topic(broker, 3)
     rng = random.Random(7)
-    sizes = [0, 1, 100, 10_000, 200_000] * 300 + [1_300_000] * 4
+    sizes = [0, 1, 100, 10_000, 200_000] * 400 + [1_300_000] * 4
     rng.shuffle(sizes)
     produce(broker, topic, [(i % 3, None, rng.randbytes(size)) for i, size in enumerate(sizes)])
     truth = read_back(broker, topic, len(sizes))

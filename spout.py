@@ -857,7 +857,7 @@ def read_marker(path: str) -> tuple[list[str], dict[tuple[str, int], int]] | Non
                           "--reprocess resets it) only if starting over is intended") from None
 
 
-DESCRIPTION_TITLE = "kafka-spout"
+DESCRIPTION_TITLE = "kafka-spout: "
 RECORD_PREFIX = "record: "
 
 
@@ -872,7 +872,7 @@ def describe_commit(ranges: Mapping[tuple, tuple[int, int]], messages: int,
                      for (topic, partition), (first, end) in sorted(ranges.items()))
     resume = " ".join(f"{topic}/{partition}={offset}"
                       for (topic, partition), offset in sorted(positions.items()))
-    return (f"{DESCRIPTION_TITLE}: {messages} message(s) from {held}\n"
+    return (f"{DESCRIPTION_TITLE}{messages} message(s) from {held}\n"
             f"next offsets: {resume}\n"
             f"{RECORD_PREFIX}{encode_marker(topics, positions).decode()}")
 
@@ -1577,6 +1577,7 @@ class PfsDelivery(Delivery):
     def _commit(self, members, size: int, description: str, deadline: float | None) -> None:
         if self.unsettled is not None and self._settle(deadline):
             return  # the last attempt's FinishCommit reached pachd; only its answer was lost
+        self.unsettled = _STARTING  # pachd may start the commit and its answer be lost
         commit = self.unsettled = self.client.start_commit(description, deadline)
         self.client.put_files(commit, members, size, deadline)
         self.client.finish_commit(commit, description, deadline)
@@ -1588,6 +1589,17 @@ class PfsDelivery(Delivery):
         commit is dropped (if it exists) and False."""
         import grpc
         commit = self.unsettled
+        if commit is _STARTING:
+            # Its id never reached the spout: if the branch head is a commit of ours still
+            # open, that is it.
+            head = self.client.head(deadline)
+            info = self.client.inspect_commit(head, deadline) if head and head.id else None
+            if info is not None and commit_is_open(info) and \
+                    (info.description or "").startswith(DESCRIPTION_TITLE):
+                self.client.drop_commit(head, deadline)
+                log.info("dropped the unfinished commit %s of %s", head.id, self.repo)
+            self.unsettled = None
+            return False
         try:
             info = self.client.inspect_commit(commit, deadline)
         except grpc.RpcError as error:
@@ -1614,9 +1626,12 @@ class PfsDelivery(Delivery):
             try:
                 self._settle(deadline)
             except Exception as error:  # pachd unreachable: the next start drops it
-                log.warning("commit %s of %s may be left open (%s); the next start drops it",
-                            self.unsettled.id, self.repo, describe_rpc_error(error))
+                log.warning("a commit to %s may be left open (%s); the next start drops it",
+                            self.repo, describe_rpc_error(error))
         self.client.close()
+
+
+_STARTING = object()   # PfsDelivery.unsettled while StartCommit has not answered
 
 
 class _ForeignOpenCommit(Exception):

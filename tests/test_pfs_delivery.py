@@ -225,6 +225,29 @@ def test_open_head_left_by_a_dead_spout_is_dropped_and_a_foreign_one_waited_for(
     assert_each_file_written_once(pachd)
 
 
+def test_a_start_commit_whose_answer_was_lost_is_found_and_dropped(broker, pachd, tmp_path,
+                                                                    spouts):
+    """pachd started the commit but the spout never learnt its id: the next StartCommit is
+    refused (the head is open) until the spout finds that commit of its own and drops it."""
+    from pachyderm_sdk import Client
+    from pachyderm_sdk.api import pfs
+    topic = create_topic(broker, 3)
+    produce(broker, topic, [(0, None, b"first")])
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path))
+    wait_until(lambda: len(pachd.head(REPO).files) >= 1, 60, "the first message")
+    client = Client("127.0.0.1", pachd.port, auth_token=TOKEN)
+    lost = client.pfs.start_commit(branch=pfs.Branch.from_uri(f"default/{REPO}@master"),
+                                   description=spout.describe_commit({}, 0, [topic], {}))
+    produce(broker, topic, [(1, None, b"second")])
+    wait_until(lambda: len(pachd.head(REPO).files) >= 2, 60, "the second message")
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    assert "has not been finished" in process.log
+    assert f"dropped the unfinished commit {lost.id}" in process.log
+    assert lost.id not in [c.id for c in pachd.commits(REPO)]
+    assert_each_file_written_once(pachd)
+
+
 def test_group_mode_resumes_at_the_larger_of_record_and_group_offset(broker, pachd, tmp_path,
                                                                      spouts):
     from kafka import KafkaConsumer, TopicPartition

@@ -28,6 +28,7 @@ import threading
 import uuid
 from concurrent import futures
 from pathlib import Path
+from typing import NamedTuple
 
 import betterproto
 import grpc
@@ -119,6 +120,66 @@ def invalid_path(path: str) -> PachdError | None:
     else:
         return None
     return PachdError(grpc.StatusCode.UNKNOWN, f"path ({path}) invalid: {reason}")
+
+
+class FileOperation(NamedTuple):
+    """An add_file or delete_file request, decoded without betterproto, which takes about
+    100 us a message: the double would otherwise bound every throughput it is part of."""
+    kind: str
+    path: str
+    raw: bytes | None
+
+    @property
+    def add_file(self) -> "FileOperation":
+        return self
+
+    @property
+    def delete_file(self) -> "FileOperation":
+        return self
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data: bytes):
+    """(number, payload) of each length-delimited field; None for any other wire type."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        if key & 7 != 2:
+            yield None
+            return
+        length, pos = _varint(data, pos)
+        yield key >> 3, data[pos:pos + length]
+        pos += length
+
+
+def parse_modify_file_request(data: bytes):
+    """add_file {path, raw} and delete_file {path} quickly; anything else through the SDK."""
+    fields = list(_fields(data))
+    if len(fields) == 1 and fields[0] is not None and fields[0][0] in (2, 3):
+        number, body = fields[0]
+        path, raw, plain = "", None, True
+        for field in _fields(body):
+            if field is None or field[0] not in (1, 3) or (number == 3 and field[0] != 1):
+                plain = False
+                break
+            if field[0] == 1:
+                path = field[1].decode()
+            else:
+                inner = list(_fields(field[1]))
+                raw = inner[0][1] if inner and inner[0] is not None else b""
+        if plain:
+            return FileOperation("add_file" if number == 2 else "delete_file", path, raw)
+    return pfs.ModifyFileRequest().parse(data)
 
 
 def clean_path(path: str) -> str:
@@ -347,7 +408,7 @@ class PachdDouble:
             "DropCommitSet": unary("DropCommitSet", pfs.DropCommitSetRequest),
             "ModifyFile": grpc.stream_unary_rpc_method_handler(
                 self._guard("ModifyFile", self._modify_file),
-                request_deserializer=lambda data: pfs.ModifyFileRequest().parse(data),
+                request_deserializer=parse_modify_file_request,
                 response_serializer=bytes),
             "GetFile": server_stream("GetFile", pfs.GetFileRequest),
         }
@@ -614,7 +675,8 @@ class PachdDouble:
         operations: list[tuple[str, str, bytes]] = []
         held = False
         for request in requests:
-            kind = betterproto.which_one_of(request, "body")[0]
+            kind = request.kind if isinstance(request, FileOperation) else \
+                betterproto.which_one_of(request, "body")[0]
             if kind == "add_file":
                 add = request.add_file
                 if error := invalid_path(add.path):

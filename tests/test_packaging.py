@@ -286,3 +286,18 @@ def test_readme_documents_every_setting():
     for setting in spout.SETTINGS:
         assert f"`{setting.env}`" in readme and f"`{setting.flag}`" in readme
     assert "make test" in readme and "make demo" in readme
+
+
+def test_v2_spec_environment_is_a_valid_pfs_configuration(tmp_path):
+    """As Pachyderm runs it: the worker's own variables, the pachctl config it mounts."""
+    from pachd_double import write_pach_config
+    raw, _ = parse_v2_spec()
+    config_file = write_pach_config(tmp_path / "config.json", "localhost:1653", "token")
+    env = dict(raw["transform"]["env"], PACH_CONFIG=str(config_file),
+               PPS_PIPELINE_NAME=raw["pipeline"]["name"],
+               PPS_PROJECT_NAME=raw["pipeline"]["project"]["name"])
+    config = spout.Config.from_sources(env)
+    assert config.delivery == "pfs" and config.exactly_once
+    assert str(config.output_repo) == "default/kafka-spout@master"
+    assert config.pachd_address == "grpc://localhost:1653" and config.pach_token == "token"
+    assert config.group_id == "kafka-spout"

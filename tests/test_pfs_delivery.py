@@ -1,0 +1,364 @@
+"""Pachyderm 2.x: the spout commits through pachd (the double in pachd_double.py) over gRPC."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import (SPOUT, committed_offsets, create_topic, free_port, produce, read_back,
+                      wait_until)
+
+import spout
+from pachd_double import PachdDouble, write_pach_config
+
+TOKEN = "pipeline-token-0123456789"
+REPO = "out"
+
+
+@pytest.fixture
+def pachd():
+    double = PachdDouble(token=TOKEN).start()
+    double.create_repo(REPO)
+    yield double
+    double.stop()
+
+
+def pfs_env(broker, topic, pachd, tmp_path, **extra) -> dict:
+    """As in a 2.x spout: the pachctl config Pachyderm mounts, no pipe, DELIVERY left to auto."""
+    config = write_pach_config(tmp_path / "pachctl.json", pachd.address, TOKEN)
+    env = {"BOOTSTRAP_SERVERS": broker, "TOPIC": topic, "PACH_CONFIG": str(config),
+           "OUTPUT_PIPE": str(tmp_path / "no-pipe"), "OUTPUT_REPO": f"default/{REPO}",
+           "GROUP_ID": f"g-{topic}", "BATCH_MAX_SECONDS": "0.2", "LOG_LEVEL": "DEBUG",
+           "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+           "KAFKA_MAX_POLL_INTERVAL_MS": "6000"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def spout_commits(pachd) -> list:
+    """The commits the spout made: all but pachd's empty first one."""
+    return [c for c in pachd.commits(REPO) if c.description.startswith("kafka-spout")]
+
+
+def head_files(pachd) -> dict:
+    head = pachd.head(REPO)
+    assert head.finished, "the head is open"
+    return head.files
+
+
+def expected_paths(topic: str, truth: dict) -> dict:
+    return {f"/{topic}/{p}/{o:020d}": value for (p, o), value in truth.items()}
+
+
+def assert_each_file_written_once(pachd) -> None:
+    """Every file comes from exactly one finished commit: none missing, none written twice."""
+    writers: dict = {}
+    for commit in spout_commits(pachd):
+        assert commit.finished
+        assert commit.modify_streams == 1  # one ModifyFile stream per commit
+        for path in commit.changed:
+            writers.setdefault(path, []).append(commit.id)
+    doubled = {path: ids for path, ids in writers.items() if len(ids) > 1}
+    assert not doubled, f"{len(doubled)} file(s) written by more than one commit"
+
+
+def test_description_record_round_trip():
+    positions = {("orders", 0): 400, ("orders", 1): 12, ("refunds", 0): 3}
+    text = spout.describe_commit({("orders", 0): (100, 400)}, 300, ["orders", "refunds"],
+                                 positions)
+    first, second, _ = text.splitlines()
+    assert first == "kafka-spout: 300 message(s) from orders/0 100-399"
+    assert second == "next offsets: orders/0=400 orders/1=12 refunds/0=3"
+    assert spout.record_from_description(text) == (["orders", "refunds"], positions)
+    assert spout.record_from_description("") is None
+    assert spout.record_from_description("pachctl put file") is None
+    with pytest.raises(ValueError):
+        spout.record_from_description("kafka-spout: 3 message(s)\nrecord: {oops")
+
+
+def test_mixed_sizes_land_one_commit_per_batch_and_offsets_follow(broker, pachd, tmp_path,
+                                                                  spouts):
+    topic = create_topic(broker, 3)
+    rng = random.Random(7)
+    sizes = [0, 1, 100, 10_000, 200_000] * 400 + [1_300_000] * 4
+    rng.shuffle(sizes)
+    produce(broker, topic, [(i % 3, None, rng.randbytes(size)) for i, size in enumerate(sizes)])
+    truth = read_back(broker, topic, len(sizes))
+    expected = expected_paths(topic, truth)
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path, BATCH_MAX_BYTES="4MiB"))
+    wait_until(lambda: len(pachd.head(REPO).files) >= len(expected) or process.process.poll(),
+               120, "every message in a finished commit", interval=0.2)
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0, process.log
+    assert head_files(pachd) == expected
+    commits = spout_commits(pachd)
+    # One commit per batch: no batch over 4 MiB of data unless a single message.
+    for commit in commits:
+        size = sum(len(head_files(pachd)[path]) for path in commit.changed)
+        assert size <= 4 * 1024 * 1024 or len(commit.changed) == 1
+    assert_each_file_written_once(pachd)
+    calls = pachd.calls
+    assert calls.count("StartCommit") == calls.count("FinishCommit") == len(commits)
+    assert calls.count("ModifyFile") == len(commits)
+    ends = {p: max(o for (q, o) in truth if q == p) + 1 for p in range(3)}
+    assert committed_offsets(broker, f"g-{topic}", topic) == ends
+    # The head's record is where each partition resumes.
+    _, positions = spout.record_from_description(pachd.head(REPO).description)
+    assert positions == {(topic, p): end for p, end in ends.items()}
+    print(f"messages={len(sizes)} commits={len(commits)} "
+          f"commits/message={len(commits) / len(sizes):.4f}")
+
+
+def test_chaos_sigkill_every_message_in_exactly_one_commit(broker, pachd, tmp_path, spouts):
+    """SIGKILL at random moments, mid-stream, and between FinishCommit and its answer."""
+    topic = create_topic(broker, 3)
+    total = 3000
+    produce(broker, topic, [(i % 3, None, b"m-%d" % i) for i in range(total)])
+    truth = read_back(broker, topic, total)
+    expected = expected_paths(topic, truth)
+    env = pfs_env(broker, topic, pachd, tmp_path, BATCH_MAX_MESSAGES=60)
+    rng = random.Random(11)
+    kills = []
+    for moment in ["random", "mid-stream", "finish-unanswered", "random", "mid-stream",
+                   "finish-unanswered", "random"]:
+        process = spouts(env)
+        if moment == "random":
+            wait_until(lambda: len(spout_commits(pachd)) > len(kills) * 3, 60, "a commit")
+            time.sleep(rng.uniform(0, 0.3))  # a random moment, not a synchronisation
+        elif moment == "mid-stream":
+            pachd.modify_stream_open.clear()
+            pachd.hold_modify_streams(True)
+            wait_until(pachd.modify_stream_open.is_set, 60, "a ModifyFile stream under way")
+        else:
+            pachd.finish_applied.clear()
+            pachd.delay_finish_reply(30)
+            wait_until(pachd.finish_applied.is_set, 60, "a FinishCommit applied")
+        process.process.kill()
+        process.process.wait()
+        pachd.hold_modify_streams(False)
+        pachd.delay_finish_reply(0)
+        kills.append(moment)
+    final = spouts(env)
+    wait_until(lambda: len(pachd.head(REPO).files) >= len(expected) or final.process.poll(),
+               120, "every message", interval=0.2)
+    final.signal(signal.SIGTERM)
+    assert final.wait(10) == 0, final.log
+    files = head_files(pachd)
+    missing = set(expected) - set(files)
+    assert not missing
+    assert files == expected
+    assert_each_file_written_once(pachd)
+    assert all(c.finished for c in pachd.commits(REPO))
+    commits = spout_commits(pachd)
+    print(f"kills={len(kills)} messages={total} commits={len(commits)} missing={len(missing)} "
+          f"doubled=0 commits/message={len(commits) / total:.4f}")
+
+
+def test_pachd_away_and_back_mid_stream(broker, pachd, tmp_path, spouts):
+    topic = create_topic(broker, 3)
+    produce(broker, topic, [(i % 3, None, b"a-%d" % i) for i in range(300)])
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path))
+    wait_until(lambda: len(pachd.head(REPO).files) >= 300, 60, "the first messages")
+    pachd.stop()
+    produce(broker, topic, [(i % 3, None, b"b-%d" % i) for i in range(300)])
+    wait_until(lambda: "failed" in process.log and pachd.address in process.log, 30,
+               "a warning naming pachd's address")
+    assert process.process.poll() is None
+    pachd.start()
+    wait_until(lambda: len(pachd.head(REPO).files) >= 600, 60, "the messages held back")
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    truth = read_back(broker, topic, 600)
+    assert head_files(pachd) == expected_paths(topic, truth)
+    assert_each_file_written_once(pachd)
+
+
+def test_sigterm_while_pachd_withholds_an_answer_exits_in_time(broker, pachd, tmp_path,
+                                                               spouts):
+    topic = create_topic(broker, 3)
+    produce(broker, topic, [(0, None, b"x")])
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path))
+    wait_until(lambda: spout_commits(pachd), 60, "the first commit")
+    pachd.finish_applied.clear()
+    pachd.delay_finish_reply(60)
+    produce(broker, topic, [(1, None, b"y")])
+    wait_until(pachd.finish_applied.is_set, 30, "FinishCommit applied, its answer withheld")
+    started = time.monotonic()
+    process.signal(signal.SIGTERM)
+    assert process.wait(12) == 0
+    assert time.monotonic() - started < 10
+    pachd.delay_finish_reply(0)
+    assert all(c.finished for c in pachd.commits(REPO)), "a clean stop leaves no open commit"
+
+
+def test_open_head_left_by_a_dead_spout_is_dropped_and_a_foreign_one_waited_for(
+        broker, pachd, tmp_path, spouts):
+    from pachyderm_sdk import Client
+    from pachyderm_sdk.api import pfs
+    topic = create_topic(broker, 3)
+    produce(broker, topic, [(p, None, b"v%d" % p) for p in range(3)])
+    client = Client("127.0.0.1", pachd.port, auth_token=TOKEN)
+    branch = pfs.Branch.from_uri(f"default/{REPO}@master")
+    # A commit someone else holds open: the spout waits for it and says so.
+    foreign = client.pfs.start_commit(branch=branch, description="a person's commit")
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path))
+    wait_until(lambda: "not started by kafka-spout" in process.log, 30, "the waiting line")
+    assert not spout_commits(pachd)
+    client.pfs.finish_commit(commit=foreign)
+    wait_until(lambda: len(pachd.head(REPO).files) >= 3, 60, "the messages")
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    # One of its own, left open by a spout that died mid-commit: dropped, then rewritten.
+    produce(broker, topic, [(0, None, b"later")])
+    left_open = client.pfs.start_commit(branch=branch, description="kafka-spout: 1 message(s)")
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path))
+    wait_until(lambda: len(pachd.head(REPO).files) >= 4, 60, "the later message")
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    assert left_open.id in process.log and "dropped" in process.log
+    assert left_open.id not in [c.id for c in pachd.commits(REPO)]
+    assert_each_file_written_once(pachd)
+
+
+def test_a_start_commit_whose_answer_was_lost_is_found_and_dropped(broker, pachd, tmp_path,
+                                                                    spouts):
+    """pachd started the commit but the spout never learnt its id: the next StartCommit is
+    refused (the head is open) until the spout finds that commit of its own and drops it."""
+    from pachyderm_sdk import Client
+    from pachyderm_sdk.api import pfs
+    topic = create_topic(broker, 3)
+    produce(broker, topic, [(0, None, b"first")])
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path))
+    wait_until(lambda: len(pachd.head(REPO).files) >= 1, 60, "the first message")
+    client = Client("127.0.0.1", pachd.port, auth_token=TOKEN)
+    lost = client.pfs.start_commit(branch=pfs.Branch.from_uri(f"default/{REPO}@master"),
+                                   description=spout.describe_commit({}, 0, [topic], {}))
+    produce(broker, topic, [(1, None, b"second")])
+    wait_until(lambda: len(pachd.head(REPO).files) >= 2, 60, "the second message")
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    assert "has not been finished" in process.log
+    assert f"dropped the unfinished commit {lost.id}" in process.log
+    assert lost.id not in [c.id for c in pachd.commits(REPO)]
+    assert_each_file_written_once(pachd)
+
+
+def test_group_mode_resumes_at_the_larger_of_record_and_group_offset(broker, pachd, tmp_path,
+                                                                     spouts):
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+    from pachyderm_sdk import Client
+    from pachyderm_sdk.api import pfs
+    topic = create_topic(broker, 3)
+    produce(broker, topic, [(p, None, b"%d-%d" % (p, i)) for i in range(10) for p in range(3)])
+    group = KafkaConsumer(bootstrap_servers=broker, group_id=f"g-{topic}",
+                          enable_auto_commit=False)
+    group.commit({TopicPartition(topic, 0): OffsetAndMetadata(8, "", -1),
+                  TopicPartition(topic, 1): OffsetAndMetadata(2, "", -1)})
+    group.close(autocommit=False)
+    # The repo records 0 -> 4 and 1 -> 6; partition 2 only has AUTO_OFFSET_RESET.
+    client = Client("127.0.0.1", pachd.port, auth_token=TOKEN)
+    branch = pfs.Branch.from_uri(f"default/{REPO}@master")
+    description = spout.describe_commit({}, 0, [topic], {(topic, 0): 4, (topic, 1): 6})
+    commit = client.pfs.start_commit(branch=branch, description=description)
+    client.pfs.finish_commit(commit=commit)
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path, MODE="group"))
+    expected = {f"/{topic}/{p}/{o:020d}": b"%d-%d" % (p, o)
+                for p, first in ((0, 8), (1, 6), (2, 0)) for o in range(first, 10)}
+    wait_until(lambda: len(pachd.head(REPO).files) >= len(expected) or process.process.poll(),
+               90, "the resumed messages", interval=0.2)
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0, process.log
+    assert head_files(pachd) == expected
+
+
+def run_spout(env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SPOUT)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def base_env(tmp_path):
+    return {"HOST": "127.0.0.1", "PORT": "9", "TOPIC": "events",
+            "OUTPUT_PIPE": str(tmp_path / "no-pipe"), "OUTPUT_REPO": f"default/{REPO}",
+            "PATH": "/usr/bin:/bin"}
+
+
+@pytest.mark.parametrize("change, culprit", [
+    ({"PACH_CONFIG": "/nonexistent.json"}, "PACH_CONFIG: /nonexistent.json does not exist"),
+    ({"PACH_CONFIG": "{bad}"}, "is not JSON"),
+    ({"PACH_CONFIG": "{empty}"}, "has no active context"),
+    ({"DELIVERY": "pfs", "PACHD_ADDRESS": "ftp://pachd:1"}, "PACHD_ADDRESS: 'ftp://pachd:1'"),
+    ({"DELIVERY": "pfs", "PACHD_ADDRESS": "pachd:1", "MARKER": "offsets"},
+     "MARKER: a Pachyderm 1.x setting"),
+    ({"PACHD_ADDRESS": "pachd:1", "OUTPUT_REPO": "a/b/c"}, "OUTPUT_REPO: 'a/b/c' is not"),
+    ({"PACHD_ADDRESS": "pachd:1", "OUTPUT_REPO": None}, "OUTPUT_REPO: required outside"),
+    ({"PACHD_ADDRESS": "pachd:1", "PACH_TOKEN_FILE": "/nonexistent"},
+     "PACH_TOKEN_FILE: cannot read /nonexistent"),
+    ({}, "OUTPUT_PIPE: "),
+])
+def test_configuration_errors_are_one_line_and_exit_2(base_env, tmp_path, change, culprit):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "empty.json").write_text(json.dumps({"v2": {}}))
+    env = dict(base_env)
+    for key, value in change.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value.replace("{bad}", str(tmp_path / "bad.json")).replace(
+                "{empty}", str(tmp_path / "empty.json"))
+    result = run_spout(env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and culprit in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("change, culprit", [
+    ({"PACH_TOKEN": "wrong"}, "PACH_TOKEN: pachd at grpc://127.0.0.1:"),
+    ({"PACH_TOKEN": None}, "PACH_TOKEN: pachd at grpc://127.0.0.1:"),
+    ({"OUTPUT_REPO": "default/nope"}, "OUTPUT_REPO: default/nope@master does not exist"),
+    ({"OUTPUT_REPO": "default/out@nope"}, "OUTPUT_REPO: default/out@nope does not exist"),
+])
+def test_what_pachd_refuses_is_one_line_and_exit_2(base_env, pachd, change, culprit):
+    env = {**base_env, "PACHD_ADDRESS": pachd.address, "PACH_TOKEN": TOKEN}
+    for key, value in change.items():
+        if value is None:
+            env.pop(key)
+        else:
+            env[key] = value
+    result = run_spout(env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"spout.py: error: {culprit}")
+    assert "Traceback" not in result.stderr
+    assert TOKEN not in result.stderr
+
+
+def test_pachd_unreachable_at_start_is_retried_and_sigterm_still_stops(base_env, spouts):
+    port = free_port()
+    process = spouts({**base_env, "PACHD_ADDRESS": f"127.0.0.1:{port}"})
+    wait_until(lambda: f"cannot reach pachd at grpc://127.0.0.1:{port}" in process.log, 30,
+               "the warning naming the address")
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    assert "Traceback" not in process.log
+
+
+@pytest.mark.parametrize("sizes", [[0], [1, 127, 128], [16383, 16384, 300_000], [9_000_001]])
+def test_hand_encoded_modify_file_requests_equal_the_sdks(sizes):
+    from pachyderm_sdk.api import pfs
+    members = [(f"t/{i}/" + "k" * (i * 70), bytes([i % 251]) * size, 0)
+               for i, size in enumerate(sizes)]
+    chunk = 4 * 1024 * 1024
+    expected = []
+    for name, data, _ in members:
+        expected.append(bytes(pfs.ModifyFileRequest(delete_file=pfs.DeleteFile(path=name))))
+        for start in range(0, len(data), chunk) if data else (0,):
+            expected.append(bytes(pfs.ModifyFileRequest(
+                add_file=pfs.AddFile(path=name, raw=data[start:start + chunk]))))
+    assert list(spout.modify_file_requests(members, chunk)) == expected

@@ -2259,6 +2259,7 @@ class MetricsMonitor(Monitor):
         now = time.monotonic()
         self.progress_at = now
         self.delivered.update(outgoing.commit)
+        self.next_refresh = 0.0  # lag and offsets follow at once, not up to a refresh later
         batch = outgoing.batch
         if not batch.members:  # only skipped tombstones: no commit
             return

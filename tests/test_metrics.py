@@ -377,3 +377,30 @@ def test_a_port_in_use_is_one_line_and_exit_2(broker, topic, fifo):
     errors = [line for line in result.stderr.splitlines() if line.startswith("spout.py:")]
     assert errors == [f"spout.py: error: METRICS_PORT: 127.0.0.1:{port} is already in use"]
     assert "Traceback" not in result.stderr
+
+
+# -- the README's spec example
+def readme_service_example() -> dict:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Exposing the port from a pipeline", 1)[1]
+    return json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+
+
+@pytest.mark.parametrize("spec", ["pipeline.json", "pipeline-v2.json"])
+def test_the_readme_service_example_parses_in_the_specs_as_pachctl_parses_them(spec):
+    from google.protobuf import json_format
+    from pachyderm_sdk.api import pps
+    from python_pachyderm.proto.pps import pps_pb2
+    from test_packaging import check_message
+    example = readme_service_example()
+    raw = json.loads((ROOT / spec).read_text())
+    raw["transform"]["env"].update(example["transform"]["env"])
+    raw["service"] = example["service"]
+    if spec == "pipeline-v2.json":
+        check_message(pps.CreatePipelineRequest, raw, "")  # protojson: unknown fields fail
+        request = pps.CreatePipelineRequest().from_dict(raw)
+    else:
+        request = json_format.Parse(json.dumps(raw), pps_pb2.CreatePipelineRequest())
+    assert request.service.internal_port == int(raw["transform"]["env"]["METRICS_PORT"])
+    assert 30000 <= request.service.external_port <= 32767
+    assert request.service.type == "NodePort"

@@ -2183,6 +2183,7 @@ class MetricsMonitor(Monitor):
 
     def __init__(self, config: Config, spout: Spout):
         import prometheus_client as prometheus
+        prometheus.disable_created_metrics()  # a _created series beside each counter: noise
         self.prometheus = prometheus
         self.config = config
         self.spout = spout

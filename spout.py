@@ -1343,6 +1343,10 @@ class Delivery:
         """Archives or commits written again so far, after a lost reader or a failed commit."""
         return 0
 
+    def in_transit(self) -> bool:
+        """Whether Pachyderm has yet to read part of what was sent to it (the loop's thread)."""
+        return False
+
 
 class PipeDelivery(Delivery):
     """Pachyderm 1.x: tar archives through the named pipe, the marker in every one."""
@@ -1392,6 +1396,11 @@ class PipeDelivery(Delivery):
 
     def redelivered(self) -> int:
         return self.archives.rewritten
+
+    def in_transit(self) -> bool:
+        # The newest archive stays in flight after the reader has read it all (nothing tells
+        # when its commit ends): bytes still unread are what waits.
+        return bool(self.archives.in_flight) and self.archives.pipe.unread() > 0
 
 
 # A value is sent in pieces well under the 20 MB that pachd and the SDK accept per message.
@@ -2226,6 +2235,7 @@ class MetricsMonitor(Monitor):
                 family.labels(topic)
         self.files_per_message = _FILES_PER_MESSAGE[config.format]
         self.delivered: dict = {}    # TopicPartition -> the next offset Pachyderm holds
+        self.polled_to: dict = {}    # TopicPartition -> the next offset to poll
         self.exported: set = set()   # partitions with lag and offset series
         self.counted_redeliveries = 0
         self.redelivery_lock = threading.Lock()
@@ -2241,10 +2251,12 @@ class MetricsMonitor(Monitor):
     def polled(self, records: Mapping) -> None:
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
-        delivered = self.delivered
+        delivered, polled_to = self.delivered, self.polled_to
         for tp, messages in records.items():
-            if tp not in delivered and messages:
-                delivered[tp] = messages[0].offset  # polling resumes where Pachyderm's hold ends
+            if messages:
+                if tp not in delivered:  # polling resumes where Pachyderm's hold ends
+                    delivered[tp] = messages[0].offset
+                polled_to[tp] = messages[-1].offset + 1
 
     def tombstones_seen(self, records: Mapping, count: int) -> None:
         topics = {tp.topic for tp in records}
@@ -2294,16 +2306,19 @@ class MetricsMonitor(Monitor):
     def forget(self, partitions: set) -> None:
         for tp in partitions:
             self.delivered.pop(tp, None)
+            self.polled_to.pop(tp, None)
 
     def refresh(self) -> None:
-        """Lag and delivered offsets of every partition owned, and whether messages wait."""
+        """Lag and delivered offsets of every partition owned, and whether messages wait:
+        in Kafka still, in the batch, or sent and not yet read. Not the newest 1.x archive
+        once read: it is held only when the next one is read, and an idle topic is no stall."""
         now = time.monotonic()
         if now < self.next_refresh:
             return
         self.next_refresh = now + METRICS_REFRESH_SECONDS
         self.count_redeliveries()
         spout, consumer = self.spout, self.spout.consumer
-        waiting = spout.batch.records > 0
+        waiting = spout.batch.records > 0 or spout.delivery.in_transit()
         owned = consumer.assignment()
         for tp in owned:
             # What fetches carried: end_offsets() asks the broker, and some answer wrongly.
@@ -2316,9 +2331,8 @@ class MetricsMonitor(Monitor):
             labels = (tp.topic, str(tp.partition))
             self.delivered_offset.labels(*labels).set(delivered)
             if highwater is not None:
-                lag = max(highwater - delivered, 0)
-                self.lag.labels(*labels).set(lag)
-                waiting = waiting or lag > 0
+                self.lag.labels(*labels).set(max(highwater - delivered, 0))
+                waiting = waiting or highwater > self.polled_to.get(tp, delivered)
             self.exported.add(tp)
         for tp in self.exported - owned:
             self.exported.discard(tp)

@@ -1245,10 +1245,10 @@ class PipeArchives:
             self._reader_gone_since = self.reader_missing_since = None
             return
         now = time.monotonic()
-        if self._reader_gone_since is None:
-            self._reader_gone_since = now
         if self.reader_missing_since is None:
             self.reader_missing_since = now
+        if self._reader_gone_since is None:
+            self._reader_gone_since = now
         elif now - self._reader_gone_since >= READER_GONE_SECONDS:
             self._reader_gone_since = None
             entries = self._requeue()

@@ -407,3 +407,43 @@ def test_the_readme_service_example_parses_in_the_specs_as_pachctl_parses_them(s
     assert request.service.internal_port == int(raw["transform"]["env"]["METRICS_PORT"])
     assert 30000 <= request.service.external_port <= 32767
     assert request.service.type == "NodePort"
+
+
+# -- counting, in process: several topics in one batch, two files per message
+def test_counts_per_topic_in_a_batch_of_two_topics_with_sidecars_and_kept_tombstones():
+    import threading
+    from kafka import TopicPartition
+    from kafka.consumer.fetcher import ConsumerRecord
+    import spout
+
+    def record(topic, offset, value):
+        return ConsumerRecord(topic, 0, 0, offset, 1_700_000_000_000, 0, b"k", value, [], None,
+                              1, -1 if value is None else len(value), 0)
+    config = spout.Config(bootstrap_servers=("127.0.0.1:9",), topics=("a", "b"),
+                          format="raw+meta", tombstones="keep", output_pipe="/nonexistent")
+    instance = spout.Spout(config, threading.Event())
+    monitor = spout.MetricsMonitor(config, instance)
+    polled = {TopicPartition("a", 0): [record("a", 10, b"x" * 5), record("a", 11, None),
+                                       record("a", 12, b"y" * 7)],
+              TopicPartition("b", 0): [record("b", 3, b"z" * 11), record("b", 4, b"")]}
+    monitor.polled(polled)
+    instance.add(polled)
+    monitor.tombstones_seen(polled, instance.stats.tombstones)
+    batch = instance.batch
+    monitor.held(spout.Outgoing(batch, ("a", "b"), dict(batch.offsets), dict(batch.offsets)))
+
+    def sample(name, **labels):
+        return monitor.registry.get_sample_value(name, labels)
+    sizes = {topic: sum(len(data) for tp, (_, data, _) in zip(batch.partitions, batch.members)
+                        if tp.topic == topic) for topic in ("a", "b")}
+    assert (sample("kafka_spout_messages_total", topic="a"),
+            sample("kafka_spout_messages_total", topic="b")) == (3, 2)
+    assert (sample("kafka_spout_bytes_total", topic="a"),
+            sample("kafka_spout_bytes_total", topic="b")) == (sizes["a"], sizes["b"])
+    assert sizes["a"] > 12 and sizes["b"] > 11  # the sidecars' bytes are in
+    assert (sample("kafka_spout_tombstones_total", topic="a"),
+            sample("kafka_spout_tombstones_total", topic="b")) == (1, 0)
+    assert sample("kafka_spout_commits_total") == 1
+    assert sample("kafka_spout_batch_messages_sum") == 5
+    assert sample("kafka_spout_batch_bytes_sum") == batch.data_bytes == sum(sizes.values())
+    assert monitor.delivered == {TopicPartition("a", 0): 13, TopicPartition("b", 0): 5}

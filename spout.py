@@ -30,6 +30,7 @@ import tarfile
 import termios
 import threading
 import time
+import zlib
 from collections import deque
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -661,17 +662,20 @@ def encode_archive(members: Iterable[tuple[str, bytes, int]]) -> Archive:
     count = 0
     last_size = last_mtime = -1
     fixed = fixed_sum = None
-    tail, paddings, nul = _HEAD_TAIL, _PADDING, b"\x00"  # locals: this loop is hot
+    tail, paddings, nul, adler32 = _HEAD_TAIL, _PADDING, b"\x00", zlib.adler32  # hot loop
     for name, data, mtime in members:
         length = len(data)
         if length != last_size or mtime != last_mtime:
             last_size, last_mtime = length, mtime
             fixed, fixed_sum = _fixed_fields(length, mtime) or (None, 0)
+            fixed_sum -= 1  # adler32's low half is 1 + the sum of the bytes, below
         count += 1
         if length <= COPY_MAX and fixed is not None and name.isascii() and 0 < len(name) <= 100:
             name_bytes = name.encode("ascii")
+            # The sum of the name's bytes, at most 100 x 127, so below adler32's modulus:
+            # zlib adds them up three times faster than sum().
             extend((name_bytes.ljust(100, nul), fixed,
-                    b"%06o\x00 " % (fixed_sum + sum(name_bytes)), tail, data,
+                    b"%06o\x00 " % (fixed_sum + (adler32(name_bytes) & 0xFFFF)), tail, data,
                     paddings[-length % 512]))
             continue
         run.append(member_header(name, length, mtime))

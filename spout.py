@@ -618,6 +618,9 @@ _CHECKSUM_BASE = sum(_HEAD_MODE) + sum(_HEAD_TAIL) + 8 * ord(" ")  # chksum coun
 COPY_MAX = 4096
 # Tar pads every member to a whole block: the padding for each remainder, made once.
 _PADDING = tuple(bytes(n) for n in range(BLOCK))
+# Checksum fields as made so far: ustar checksums of short names stay below 30,000, so this
+# holds a few thousand small bytes at most.
+_CHECKSUM_FIELDS: dict[int, bytes] = {}
 
 
 def _fixed_fields(size: int, mtime: int) -> tuple[bytes, int] | None:
@@ -661,22 +664,29 @@ def encode_archive(members: Iterable[tuple[str, bytes, int]]) -> Archive:
     extend = run.extend
     count = 0
     last_size = last_mtime = -1
-    fixed = fixed_sum = None
+    fixed, fixed_sum, fast = b"", 0, False
     tail, paddings, nul, adler32 = _HEAD_TAIL, _PADDING, b"\x00", zlib.adler32  # hot loop
+    checksum_fields = _CHECKSUM_FIELDS
     for name, data, mtime in members:
         length = len(data)
+        count += 1
         if length != last_size or mtime != last_mtime:
             last_size, last_mtime = length, mtime
-            fixed, fixed_sum = _fixed_fields(length, mtime) or (None, 0)
-            fixed_sum -= 1  # adler32's low half is 1 + the sum of the bytes, below
-        count += 1
-        if length <= COPY_MAX and fixed is not None and name.isascii() and 0 < len(name) <= 100:
+            fields = _fixed_fields(length, mtime)
+            fast = fields is not None and length <= COPY_MAX
+            if fast:
+                fixed, fixed_sum = fields
+                fixed_sum -= 1  # adler32's low half is 1 + the sum of the bytes, below
+                padding = paddings[-length % BLOCK]
+        if fast and name.isascii() and 0 < len(name) <= 100:
             name_bytes = name.encode("ascii")
             # The sum of the name's bytes, at most 100 x 127, so below adler32's modulus:
             # zlib adds them up three times faster than sum().
-            extend((name_bytes.ljust(100, nul), fixed,
-                    b"%06o\x00 " % (fixed_sum + (adler32(name_bytes) & 0xFFFF)), tail, data,
-                    paddings[-length % 512]))
+            checksum = fixed_sum + (adler32(name_bytes) & 0xFFFF)
+            checksum_field = checksum_fields.get(checksum)
+            if checksum_field is None:
+                checksum_field = checksum_fields[checksum] = b"%06o\x00 " % checksum
+            extend((name_bytes.ljust(100, nul), fixed, checksum_field, tail, data, padding))
             continue
         run.append(member_header(name, length, mtime))
         if length > COPY_MAX:

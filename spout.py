@@ -618,7 +618,7 @@ _CHECKSUM_BASE = sum(_HEAD_MODE) + sum(_HEAD_TAIL) + 8 * ord(" ")  # chksum coun
 COPY_MAX = 4096
 # Tar pads every member to a whole block: the padding for each remainder, made once.
 _PADDING = tuple(bytes(n) for n in range(BLOCK))
-# Checksum fields as made so far: ustar checksums of short names stay below 30,000, so this
+# Checksum fields as made so far: ustar checksums of short names stay below 16,000, so this
 # holds a few thousand small bytes at most.
 _CHECKSUM_FIELDS: dict[int, bytes] = {}
 

@@ -10,7 +10,13 @@ compare within a run; the table shows the median of --runs runs, ratios the medi
 ratios. The JSON written beside the table holds every number.
 
     python bench/bench.py [--runs 3] [--quick] [--json bench/results.json]
-                          [--bootstrap HOST:PORT] [--group] [--profile DIR] [--spout PATH]
+                          [--bootstrap HOST:PORT] [--group] [--profile DIR]
+                          [--spout PATH] [--compare PATH ...] [--only PART] [--sizes LIST]
+
+--quick is a smoke run: too few messages for CPU figures finer than /proc's 10 ms ticks.
+--bootstrap takes any broker (Apache Kafka for group mode: --group); --profile DIR adds one
+py-spy run of the spout per size and writes what it saw by function; --compare PATH adds a
+row for another copy of spout.py, measured in the same runs (before/after).
 """
 
 from __future__ import annotations
@@ -630,7 +636,8 @@ def print_table(results: dict) -> None:
           f"{results['mode']} mode")
     if results["end_to_end"]:
         print_end_to_end(results["end_to_end"])
-        print(f"(rate and CPU: the spout's against the bare {BASELINE} loop of the same run)")
+        print(f"(rate and CPU: the spout's against the bare {BASELINE} loop of the same run; "
+              "targets at 200 B and 10 KiB: rate >= 0.90x, CPU <= 1.30x)")
     if results["rows"]:
         print(f"{'size':>7} {'owned path':>16} {'msg/s':>10} {'MB/s':>8} {'CPU us/msg':>11} "
               f"{'RSS MiB':>8} {'drain CPU':>9}")
@@ -641,7 +648,8 @@ def print_table(results: dict) -> None:
                       f"{row['mb_per_s']:>8.1f} {row['cpu_us_per_msg']:>11.2f} "
                       f"{row['rss_mib']:>8.0f} {row['drain_cpu_share']:>8.0%}")
             print(f"{label:>7} owned/physical {rows['owned_vs_physical']:.0%}   "
-                  f"owned/seed {rows['owned_vs_seed']:.1f}x")
+                  f"owned/seed {rows['owned_vs_seed']:.1f}x"
+                  + ("   (target: owned <= 1.50 us/msg)" if label == "200 B" else ""))
     memory = results.get("memory")
     if memory:
         print(f"memory, defaults, backlog of {memory['backlog_mib']} x 1 MiB: peak RSS "

@@ -436,6 +436,7 @@ def run_end_to_end(bootstrap: str | None, size: int, count: int, runs: int,
             merged["cpu_ratio"] = statistics.median(
                 m["cpu_us_per_msg"] / b["cpu_us_per_msg"]
                 for m, b in zip(measured, per_row[BASELINE]))
+        merged["each_run"] = measured
         result[name] = merged
     result["messages"] = count
     return result

@@ -1,16 +1,28 @@
-"""make bench: what the spout's own path costs, beside the pipe's limit and Kafka's.
+"""make bench: the spout end to end beside kafka-python's and librdkafka's own rates, its own
+path without a broker, the pipe's limit, and its memory.
 
-Every row is measured in separate processes: a writer (the spout's code, or a baseline) and a
-drain that reads the FIFO and walks the tar headers, checking member count and sizes. Rows of
-one run share the machine's state, so compare within a run; the table shows the median of
---runs runs.
+End to end, every row reads the same topic of a local broker (Tansu, or --bootstrap) in the
+same run: a bare kafka-python poll loop (with the C CRC32C), confluent-kafka's consumer, and
+spout.py itself in marker mode writing to a FIFO read by a drain that walks the tar headers.
+The owned-path rows run the spout's own code (batching, naming, encoding, delivery) on records
+shaped like kafka-python's, with no broker. Rows of one run share the machine's state, so
+compare within a run; the table shows the median of --runs runs, ratios the median of per-run
+ratios. The JSON written beside the table holds every number.
 
     python bench/bench.py [--runs 3] [--quick] [--json bench/results.json]
+                          [--bootstrap HOST:PORT] [--group] [--profile DIR]
+                          [--spout PATH] [--compare PATH ...] [--only PART] [--sizes LIST]
+
+--quick is a smoke run: too few messages for CPU figures finer than /proc's 10 ms ticks.
+--bootstrap takes any broker (Apache Kafka for group mode: --group); --profile DIR adds one
+py-spy run of the spout per size and writes what it saw by function; --compare PATH adds a
+row for another copy of spout.py, measured in the same runs (before/after).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -29,10 +41,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-SIZES = {"100 B": 100, "10 KiB": 10 * 1024, "1 MiB": 1024 * 1024}
-# Messages per size: enough for a few seconds of the fastest path.
-COUNTS = {100: 600_000, 10 * 1024: 100_000, 1024 * 1024: 2_000}
-QUICK = {100: 100_000, 10 * 1024: 20_000, 1024 * 1024: 400}
+KIB, MIB = 1024, 1024 * 1024
+SIZES = {"200 B": 200, "10 KiB": 10 * KIB, "1 MiB": MIB}
+# Owned-path messages per size: enough for a few seconds of the fastest path.
+COUNTS = {200: 600_000, 10 * KIB: 100_000, MIB: 2_000}
+QUICK = {200: 100_000, 10 * KIB: 20_000, MIB: 400}
+# End-to-end messages per size (one topic each, read by every row): a few seconds of the bare
+# consumer. Tansu keeps topics in memory and serves them several times slower once one holds
+# about 400 MB, so no topic here is larger than about 200 MB. Each count is a whole number of
+# the default archives (1,000 messages, or 16 of 1 MiB): a last, partial archive would wait
+# for BATCH_MAX_SECONDS and count that wait as the spout's.
+E2E_COUNTS = {200: 300_000, 10 * KIB: 20_000, MIB: 208}
+E2E_QUICK = {200: 60_000, 10 * KIB: 8_000, MIB: 96}
 TOPIC = "bench"
 
 
@@ -152,7 +172,7 @@ def drain(fifo: str, expect: int = 0, ignore: str = "") -> dict:
     leftover = b""
     zero = bytes(512)
     while True:
-        if skip > (1 << 20):
+        if skip >= (1 << 16):  # bodies are passed over in the kernel, not read
             moved = os.splice(fd, devnull, skip)
             if not moved:
                 break
@@ -226,63 +246,140 @@ def run_pipe_row(kind: str, size: int, count: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- end to end
+# A reader row is one function (bootstrap, topic, count, group) -> {"msg_per_s",
+# "cpu_us_per_msg", ...}: the topic holds `count` messages over PARTITIONS partitions, and the
+# row reads all of them once, timed from its first message to its last, with the CPU of the
+# consuming process only. group=True reads through a consumer group (subscribe) instead of
+# assigned partitions. DELIVERIES holds the spout's rows (one per delivery, each compared with
+# the bare kafka-python loop); PEERS the plain consumers.
 
-def run_end_to_end(size: int, count: int) -> dict:
-    """spout.py (marker mode: assign, no group) against a bare poll loop, same topic."""
-    from conftest import Tansu, create_topic, produce
-    tansu = Tansu()
-    try:
-        topic = create_topic(tansu.bootstrap, 3)
-        value = os.urandom(size)
-        produce(tansu.bootstrap, topic, ((i % 3, None, value) for i in range(count)))
-        bare = json.loads(subprocess.run(
-            [sys.executable, __file__, "_bare", tansu.bootstrap, topic, str(count)],
-            capture_output=True, text=True, timeout=600, check=True).stdout)
-        spouted = spout_end_to_end(tansu.bootstrap, topic, count)
-    finally:
-        tansu.stop()
-    return {"bare": bare, "spout": spouted,
-            "rate_ratio": spouted["msg_per_s"] / bare["msg_per_s"],
-            "cpu_ratio": spouted["cpu_us_per_msg"] / bare["cpu_us_per_msg"]}
+PARTITIONS = 3
 
 
-def bare_consumer(bootstrap: str, topic: str, count: int) -> dict:
+def bench_env(**settings: str) -> dict:
+    """The environment for spout.py: this one, less any KAFKA_ options of the caller's."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("KAFKA_") and k not in ("HOST", "PORT", "TOPIC", "MARKER")}
+    env.update(settings)
+    return env
+
+
+def spout_consumer_options(bootstrap: str, topic: str) -> dict:
+    """The fetch options spout.py gives kafka-python: the bare loop uses the same, so that a
+    ratio is the spout's own cost and not a difference in fetch sizes."""
+    import spout
+    options = spout.Spout(spout.Config(bootstrap_servers=(bootstrap,), topics=(topic,)),
+                          threading.Event()).consumer_options()
+    return {name: value for name, value in options.items()
+            if name not in ("group_id", "bootstrap_servers", "auto_offset_reset",
+                            "enable_auto_commit")}
+
+
+def bare_kafka_python(bootstrap: str, topic: str, count: int, group: bool = False) -> dict:
+    """What a user's own poll loop costs: kafka-python with the C CRC32C, nothing else."""
     from kafka import KafkaConsumer, TopicPartition
+    from kafka.record import util
+    options = spout_consumer_options(bootstrap, topic)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest", max_poll_records=1000,
-                             max_partition_fetch_bytes=4 * 1024 * 1024)
-    consumer.assign([TopicPartition(topic, p) for p in range(3)])
-    seen = first = 0
+                             auto_offset_reset="earliest",
+                             group_id=f"bench-{os.getpid()}-{time.time()}" if group else None,
+                             **options)
+    if group:
+        consumer.subscribe([topic])
+    else:
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+    seen = first = data = 0
     started = cpu = None
     while seen < count:
         for batch in consumer.poll(500).values():
             if started is None:  # steady state: from the first record on
                 started, cpu, first = time.perf_counter(), cpu_seconds(), len(batch)
             seen += len(batch)
+            for record in batch:
+                data += len(record.value)
     seconds = time.perf_counter() - started
     used = cpu_seconds() - cpu
     consumer.close()
     counted = seen - first
-    return {"msg_per_s": counted / seconds, "cpu_us_per_msg": used / counted * 1e6}
+    return {"msg_per_s": counted / seconds, "cpu_us_per_msg": used / counted * 1e6,
+            "crc32c": "C" if util.crc32c_c is not None else "pure Python",
+            "options": {k: v for k, v in options.items() if k != "bootstrap_timeout_ms"}}
 
 
-def spout_end_to_end(bootstrap: str, topic: str, count: int) -> dict:
-    """Runs spout.py as users do; its CPU from /proc between the first and the last message
-    the drain sees."""
+def bare_confluent(bootstrap: str, topic: str, count: int, group: bool = False) -> dict:
+    """The peer: librdkafka through confluent-kafka, defaults (it fetches in its own thread,
+    whose CPU counts here too; it does not check CRCs unless check.crcs is set). Timed from
+    assign(), as it prefetches before the first message is asked for."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    consumer = Consumer({"bootstrap.servers": bootstrap, "enable.auto.commit": False,
+                         "group.id": f"bench-{os.getpid()}-{time.time()}",
+                         "auto.offset.reset": "earliest"})
+    started, cpu = time.perf_counter(), cpu_seconds()
+    if group:
+        consumer.subscribe([topic])
+    else:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                         for p in range(PARTITIONS)])
+    seen = data = 0
+    while seen < count:
+        for message in consumer.consume(1000, 0.5):
+            if message.error():
+                raise RuntimeError(str(message.error()))
+            data += len(message.value())
+            seen += 1
+    seconds = time.perf_counter() - started
+    used = cpu_seconds() - cpu
+    consumer.close()
+    return {"msg_per_s": seen / seconds, "cpu_us_per_msg": used / seen * 1e6}
+
+
+def subprocess_row(command: str):
+    """A row measured in a process of its own, so that no row pays another's imports."""
+    def row(bootstrap: str, topic: str, count: int, group: bool = False) -> dict:
+        return json.loads(subprocess.run(
+            [sys.executable, __file__, "_" + command, bootstrap, topic, str(count),
+             "group" if group else "assign"],
+            capture_output=True, text=True, timeout=600, check=True).stdout)
+    row.__name__ = command
+    return row
+
+
+SPOUT_SCRIPT = ROOT / "spout.py"  # --spout: measure another copy, e.g. the previous commit's
+
+
+def spout_pipe(bootstrap: str, topic: str, count: int, group: bool = False,
+               profile: str | None = None, script: Path | None = None) -> dict:
+    """spout.py as users run it, marker mode (or group mode) into a FIFO read by the drain;
+    its CPU from /proc between the first and the last message the drain sees."""
     with tempfile.TemporaryDirectory() as work:
         fifo = os.path.join(work, "out")
         os.mkfifo(fifo)
         reader = subprocess.Popen([sys.executable, __file__, "_drain", fifo, str(count),
-                                   "offsets"], stdout=subprocess.PIPE, text=True)
-        env = dict(os.environ, BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, OUTPUT_PIPE=fifo,
-                   MARKER="offsets", LOG_LEVEL="WARNING")
-        process = subprocess.Popen([sys.executable, str(ROOT / "spout.py")], env=env)
+                                   "" if group else "offsets"],
+                                  stdout=subprocess.PIPE, text=True)
+        settings = dict(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, OUTPUT_PIPE=fifo,
+                        LOG_LEVEL="WARNING", GROUP_ID=f"bench-{os.getpid()}-{time.time()}")
+        if not group:
+            settings["MARKER"] = "offsets"
+        process = subprocess.Popen([sys.executable, str(script or SPOUT_SCRIPT)],
+                                   env=bench_env(**settings))
+        profiler = None
+        if profile:  # sampled from outside the process; the numbers of this run are not kept
+            profiler = subprocess.Popen(["py-spy", "record", "--pid", str(process.pid),
+                                         "--rate", "400", "--format", "raw", "--nonblocking",
+                                         "--output", profile],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env=dict(os.environ, PATH=os.path.dirname(
+                                            sys.executable) + os.pathsep + os.environ["PATH"]))
         try:
             _, first_at = reader.stdout.readline().split()
             cpu = proc_cpu(process.pid)
             _, done_at = reader.stdout.readline().split()
             used = proc_cpu(process.pid) - cpu
         finally:
+            if profiler:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(60)
             process.send_signal(signal.SIGTERM)
             process.wait(30)
             reader.communicate(timeout=30)
@@ -290,23 +387,119 @@ def spout_end_to_end(bootstrap: str, topic: str, count: int) -> dict:
     return {"msg_per_s": (count - 1) / seconds, "cpu_us_per_msg": used / (count - 1) * 1e6}
 
 
-def run_memory(backlog_mib: int = 256) -> dict:
-    """Peak RSS of spout.py, with defaults, draining a backlog of 1 MiB messages."""
-    from conftest import Tansu, create_topic, produce
-    tansu = Tansu()
+PEERS = {"kafka-python": subprocess_row("bare"), "confluent-kafka": subprocess_row("confluent")}
+# The lead adds the 2.x delivery here: "spout 2.x pachd": a function like spout_pipe that runs
+# spout.py against the pachd double and times its first and last message committed.
+DELIVERIES = {"spout 1.x pipe": spout_pipe}
+BASELINE = "kafka-python"
+
+
+def produce_topic(bootstrap: str, size: int, count: int) -> str:
+    """A new topic holding count messages of size bytes; made by a process of its own, so
+    that the producer's memory does not become the peak RSS that the writers inherit."""
+    return subprocess.run([sys.executable, __file__, "_produce", bootstrap, str(size),
+                           str(count)], capture_output=True, text=True, timeout=600,
+                          check=True).stdout.strip()
+
+
+def produce_here(bootstrap: str, size: int, count: int) -> str:
+    from conftest import create_topic, produce
+    topic = create_topic(bootstrap, PARTITIONS)
+    value = os.urandom(size)
+    produce(bootstrap, topic, ((i % PARTITIONS, None, value) for i in range(count)))
+    return topic
+
+
+def run_end_to_end(bootstrap: str | None, size: int, count: int, runs: int,
+                   group: bool) -> dict:
+    """Every row of PEERS and DELIVERIES reads one topic, `runs` times, in turn."""
+    from conftest import Tansu
+    tansu = None if bootstrap else Tansu()
     try:
-        topic = create_topic(tansu.bootstrap, 3)
-        value = os.urandom(1024 * 1024)
-        produce(tansu.bootstrap, topic, ((i % 3, None, value) for i in range(backlog_mib)))
+        address = bootstrap or tansu.bootstrap
+        topic = produce_topic(address, size, count)
+        rows = {**PEERS, **DELIVERIES}
+        per_row: dict[str, list] = {name: [] for name in rows}
+        for _ in range(runs):
+            for name, row in rows.items():
+                per_row[name].append(row(address, topic, count, group))
+    finally:
+        if tansu:
+            tansu.stop()
+    result = {}
+    for name, measured in per_row.items():
+        merged = median_rows(measured)
+        merged["mb_per_s"] = merged["msg_per_s"] * size / 1e6
+        if name in DELIVERIES:
+            merged["rate_ratio"] = statistics.median(
+                m["msg_per_s"] / b["msg_per_s"] for m, b in zip(measured, per_row[BASELINE]))
+            merged["cpu_ratio"] = statistics.median(
+                m["cpu_us_per_msg"] / b["cpu_us_per_msg"]
+                for m, b in zip(measured, per_row[BASELINE]))
+        merged["each_run"] = measured
+        result[name] = merged
+    result["messages"] = count
+    return result
+
+
+def profile_end_to_end(bootstrap: str | None, size: int, count: int, out: Path) -> Path:
+    """One extra marker-mode run under py-spy; writes the raw stacks and a summary."""
+    from conftest import Tansu
+    tansu = None if bootstrap else Tansu()
+    raw = out / f"spout-{size}.stacks"
+    try:
+        address = bootstrap or tansu.bootstrap
+        topic = produce_topic(address, size, count)
+        spout_pipe(address, topic, count, profile=str(raw))
+    finally:
+        if tansu:
+            tansu.stop()
+    summary = out / f"spout-{size}.txt"
+    summary.write_text(summarise_stacks(raw.read_text()))
+    return summary
+
+
+def summarise_stacks(raw: str, top: int = 40) -> str:
+    """py-spy's collapsed stacks as shares of samples: by function itself, and by function
+    including what it calls (each function counted once per stack)."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not stack or not number.isdigit():
+            continue
+        samples = int(number)
+        frames = [frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0].rsplit(
+            "/", 1)[-1] + ")" if " (" in frame else frame for frame in stack.split(";")]
+        total += samples
+        own[frames[-1]] = own.get(frames[-1], 0) + samples
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + samples
+    lines = [f"{total} samples"]
+    for title, table in (("self", own), ("inclusive", inclusive)):
+        lines.append(f"-- {title}")
+        for frame, samples in sorted(table.items(), key=lambda item: -item[1])[:top]:
+            lines.append(f"{samples / total:6.1%}  {frame}")
+    return "\n".join(lines) + "\n"
+
+
+def run_memory(bootstrap: str | None, backlog_mib: int = 256) -> dict:
+    """Peak RSS of spout.py, with defaults, draining a backlog of 1 MiB messages."""
+    from conftest import Tansu
+    tansu = None if bootstrap else Tansu()
+    try:
+        address = bootstrap or tansu.bootstrap
+        topic = produce_topic(address, MIB, backlog_mib)
         with tempfile.TemporaryDirectory() as work:
             fifo = os.path.join(work, "out")
             os.mkfifo(fifo)
             reader = subprocess.Popen([sys.executable, __file__, "_drain", fifo,
                                        str(backlog_mib), "offsets"], stdout=subprocess.PIPE,
                                       text=True)
-            env = dict(os.environ, BOOTSTRAP_SERVERS=tansu.bootstrap, TOPIC=topic,
-                       OUTPUT_PIPE=fifo, MARKER="offsets", LOG_LEVEL="WARNING")
-            process = subprocess.Popen([sys.executable, str(ROOT / "spout.py")], env=env)
+            process = subprocess.Popen([sys.executable, str(SPOUT_SCRIPT)], env=bench_env(
+                BOOTSTRAP_SERVERS=address, TOPIC=topic, OUTPUT_PIPE=fifo, MARKER="offsets",
+                LOG_LEVEL="WARNING", GROUP_ID=f"bench-{os.getpid()}-{time.time()}"))
             try:
                 reader.stdout.readline()
                 reader.stdout.readline()  # "done": the whole backlog went through
@@ -318,9 +511,9 @@ def run_memory(backlog_mib: int = 256) -> dict:
                 process.wait(30)
                 reader.communicate(timeout=30)
     finally:
-        tansu.stop()
-    return {"backlog_mib": backlog_mib, "peak_rss_mib": peak,
-            "limit_mib": 3 * 16 + 150}
+        if tansu:
+            tansu.stop()
+    return {"backlog_mib": backlog_mib, "peak_rss_mib": peak, "limit_mib": 3 * 16 + 150}
 
 
 def proc_cpu(pid: int) -> float:
@@ -340,14 +533,38 @@ def median_rows(runs: list[dict]) -> dict:
     return merged
 
 
+def run_owned(sizes: dict, counts: dict, runs: int) -> dict:
+    rows_by_size = {}
+    for label, size in sizes.items():
+        per_kind = {kind: [] for kind in WRITERS}
+        for _ in range(runs):
+            for kind in WRITERS:
+                seed_count = min(counts[size], 20_000 if size < MIB else 400)
+                count = seed_count if kind == "seed" else counts[size]
+                per_kind[kind].append(run_pipe_row(kind, size, count))
+        rows = {kind: median_rows(measured) for kind, measured in per_kind.items()}
+        rows["owned_vs_physical"] = statistics.median(
+            o["msg_per_s"] / p["msg_per_s"] for o, p in zip(per_kind["owned"],
+                                                           per_kind["physical"]))
+        rows["owned_vs_seed"] = statistics.median(
+            o["msg_per_s"] / s["msg_per_s"] for o, s in zip(per_kind["owned"],
+                                                           per_kind["seed"]))
+        rows_by_size[label] = rows
+    return rows_by_size
+
+
 def main() -> None:
+    global SPOUT_SCRIPT
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         command, args = sys.argv[1][1:], sys.argv[2:]
         if command == "drain":
             print(json.dumps(drain(args[0], int(args[1]) if len(args) > 1 else 0,
                                    args[2] if len(args) > 2 else "")))
-        elif command == "bare":
-            print(json.dumps(bare_consumer(args[0], args[1], int(args[2]))))
+        elif command == "produce":
+            print(produce_here(args[0], int(args[1]), int(args[2])))
+        elif command in ("bare", "confluent"):
+            row = bare_kafka_python if command == "bare" else bare_confluent
+            print(json.dumps(row(args[0], args[1], int(args[2]), args[3] == "group")))
         else:
             print(json.dumps(WRITERS[command](args[0], int(args[1]), int(args[2]))))
         return
@@ -355,60 +572,87 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer messages, for a smoke run")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
-    parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--only", choices=("e2e", "owned", "memory", "profile"), action="append",
+                        help="run only these parts (repeatable); default all")
+    parser.add_argument("--sizes", help="comma-separated sizes to run, e.g. '200 B,10 KiB'")
+    parser.add_argument("--bootstrap", help="use this broker (e.g. Apache Kafka) instead of "
+                        "starting Tansu; topics are created on it")
+    parser.add_argument("--group", action="store_true", help="end to end through a consumer "
+                        "group (subscribe) instead of assigned partitions; on Tansu group "
+                        "fetches are slow, so use it with --bootstrap and Apache Kafka")
+    parser.add_argument("--profile", metavar="DIR", help="also run the spout once per size "
+                        "under py-spy and write DIR/spout-SIZE.txt")
+    parser.add_argument("--spout", help="measure this copy of spout.py instead")
+    parser.add_argument("--compare", action="append", default=[], metavar="PATH",
+                        help="also run this copy of spout.py end to end, as one more row of "
+                        "the same runs (e.g. the previous commit's, for before/after)")
     args = parser.parse_args()
-    counts = QUICK if args.quick else COUNTS
-
-    results: dict = {"runs": args.runs, "rows": {}}
-    for label, size in SIZES.items():
-        per_kind = {kind: [] for kind in WRITERS}
-        for _ in range(args.runs):
-            for kind in WRITERS:
-                seed_count = min(counts[size], 20_000 if size < 1 << 20 else 400)
-                count = seed_count if kind == "seed" else counts[size]
-                per_kind[kind].append(run_pipe_row(kind, size, count))
-        rows = {kind: median_rows(runs) for kind, runs in per_kind.items()}
-        ratios = [o["msg_per_s"] / p["msg_per_s"] for o, p in
-                  zip(per_kind["owned"], per_kind["physical"])]
-        speedups = [o["msg_per_s"] / s["msg_per_s"] for o, s in
-                    zip(per_kind["owned"], per_kind["seed"])]
-        rows["owned_vs_physical"] = statistics.median(ratios)
-        rows["owned_vs_seed"] = statistics.median(speedups)
-        results["rows"][label] = rows
-    if not args.no_e2e:
-        e2e_count = 30_000 if args.quick else 100_000
-        e2e = [run_end_to_end(100, e2e_count) for _ in range(args.runs)]
-        results["end_to_end_100B"] = {
-            "bare_msg_per_s": statistics.median(r["bare"]["msg_per_s"] for r in e2e),
-            "spout_msg_per_s": statistics.median(r["spout"]["msg_per_s"] for r in e2e),
-            "bare_cpu_us_per_msg": statistics.median(r["bare"]["cpu_us_per_msg"] for r in e2e),
-            "spout_cpu_us_per_msg": statistics.median(r["spout"]["cpu_us_per_msg"]
-                                                      for r in e2e),
-            "rate_ratio": statistics.median(r["rate_ratio"] for r in e2e),
-            "cpu_ratio": statistics.median(r["cpu_ratio"] for r in e2e)}
-        results["memory"] = run_memory(64 if args.quick else 256)
+    if args.spout:
+        SPOUT_SCRIPT = Path(args.spout).resolve()
+    for path in args.compare:
+        DELIVERIES[f"spout {Path(path).stem}"] = functools.partial(
+            spout_pipe, script=Path(path).resolve())
+    parts = set(args.only or ("e2e", "owned", "memory", "profile"))
+    sizes = SIZES if not args.sizes else {
+        label: SIZES[label] for label in (s.strip() for s in args.sizes.split(","))}
+    e2e_counts = E2E_QUICK if args.quick else E2E_COUNTS
+    results: dict = {"runs": args.runs, "mode": "group" if args.group else "marker",
+                     "broker": args.bootstrap or "Tansu (embedded)", "spout": str(SPOUT_SCRIPT),
+                     "compared": args.compare,
+                     "end_to_end": {}, "rows": {}}
+    if "e2e" in parts:
+        for label, size in sizes.items():
+            results["end_to_end"][label] = run_end_to_end(
+                args.bootstrap, size, e2e_counts[size], args.runs, args.group)
+            print_end_to_end({label: results["end_to_end"][label]}, header=label == next(
+                iter(sizes)), file=sys.stderr)  # progress; the table follows at the end
+    if "owned" in parts:
+        results["rows"] = run_owned(sizes, QUICK if args.quick else COUNTS, args.runs)
+    if "memory" in parts:
+        results["memory"] = run_memory(args.bootstrap, 64 if args.quick else 256)
+    if args.profile and "profile" in parts:
+        out = Path(args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        results["profiles"] = [str(profile_end_to_end(args.bootstrap, size, e2e_counts[size],
+                                                       out)) for size in sizes.values()]
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
+    print(f"(all numbers in {args.json})")
+
+
+def print_end_to_end(end_to_end: dict, header: bool = True, file=sys.stdout) -> None:
+    if header:
+        print(f"{'size':>7} {'end to end':>16} {'msg/s':>10} {'MB/s':>8} {'CPU us/msg':>11} "
+              f"{'rate':>6} {'CPU':>6}", file=file)
+    for label, rows in end_to_end.items():
+        for name, row in rows.items():
+            if not isinstance(row, dict):
+                continue
+            ratios = f"{row['rate_ratio']:>5.2f}x {row['cpu_ratio']:>5.2f}x" \
+                if "rate_ratio" in row else ""
+            print(f"{label:>7} {name:>16} {row['msg_per_s']:>10,.0f} {row['mb_per_s']:>8.1f} "
+                  f"{row['cpu_us_per_msg']:>11.2f} {ratios}", file=file)
 
 
 def print_table(results: dict) -> None:
-    print(f"median of {results['runs']} run(s)")
-    print(f"{'size':>7} {'path':>9} {'msg/s':>11} {'MB/s':>9} {'CPU us/msg':>11} "
-          f"{'RSS MiB':>8} {'drain CPU':>9}")
-    for label, rows in results["rows"].items():
-        for kind in WRITERS:
-            row = rows[kind]
-            print(f"{label:>7} {kind:>9} {row['msg_per_s']:>11,.0f} {row['mb_per_s']:>9.1f} "
-                  f"{row['cpu_us_per_msg']:>11.2f} {row['rss_mib']:>8.0f} "
-                  f"{row['drain_cpu_share']:>8.0%}")
-        print(f"{label:>7} owned/physical {rows['owned_vs_physical']:.0%}   "
-              f"owned/seed {rows['owned_vs_seed']:.1f}x")
-    e2e = results.get("end_to_end_100B")
-    if e2e:
-        print(f"end to end, 100 B, assign mode: spout {e2e['spout_msg_per_s']:,.0f} msg/s "
-              f"{e2e['spout_cpu_us_per_msg']:.1f} us/msg; bare consumer "
-              f"{e2e['bare_msg_per_s']:,.0f} msg/s {e2e['bare_cpu_us_per_msg']:.1f} us/msg; "
-              f"rate {e2e['rate_ratio']:.2f}x, CPU {e2e['cpu_ratio']:.2f}x")
+    print(f"median of {results['runs']} run(s); broker {results['broker']}; "
+          f"{results['mode']} mode")
+    if results["end_to_end"]:
+        print_end_to_end(results["end_to_end"])
+        print(f"(rate and CPU: the spout's against the bare {BASELINE} loop of the same run; "
+              "targets at 200 B and 10 KiB: rate >= 0.90x, CPU <= 1.30x)")
+    if results["rows"]:
+        print(f"{'size':>7} {'owned path':>16} {'msg/s':>10} {'MB/s':>8} {'CPU us/msg':>11} "
+              f"{'RSS MiB':>8} {'drain CPU':>9}")
+        for label, rows in results["rows"].items():
+            for kind in WRITERS:
+                row = rows[kind]
+                print(f"{label:>7} {kind:>16} {row['msg_per_s']:>10,.0f} "
+                      f"{row['mb_per_s']:>8.1f} {row['cpu_us_per_msg']:>11.2f} "
+                      f"{row['rss_mib']:>8.0f} {row['drain_cpu_share']:>8.0%}")
+            print(f"{label:>7} owned/physical {rows['owned_vs_physical']:.0%}   "
+                  f"owned/seed {rows['owned_vs_seed']:.1f}x"
+                  + ("   (target: owned <= 1.50 us/msg)" if label == "200 B" else ""))
     memory = results.get("memory")
     if memory:
         print(f"memory, defaults, backlog of {memory['backlog_mib']} x 1 MiB: peak RSS "

@@ -94,3 +94,17 @@ def test_round_trip_through_go_rules_with_nothing_after_the_end(members):
     found, trailing = go_members(archive_bytes(members))
     assert found == [(name, data) for name, data, _ in members]
     assert trailing == b""
+
+
+def test_values_around_the_copy_limit_keep_their_bytes_and_order():
+    limit = spout.COPY_MAX
+    members = [(f"m{i}", bytes([i]) * size, 1_700_000_000 + i % 2)
+               for i, size in enumerate([1, limit - 1, limit, limit + 1, 0, 3 * limit, 7])]
+    archive = spout.encode_archive(members)
+    raw = b"".join(bytes(part) for part in archive.parts)
+    assert archive.size == len(raw) and archive.members == len(members)
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        found = [(m.name, tar.extractfile(m).read(), m.mtime) for m in tar]
+    assert found == members
+    assert sum(1 for part in archive.parts if len(part) > limit and
+               any(part is data for _, data, _ in members)) == 2

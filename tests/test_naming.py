@@ -95,3 +95,17 @@ def test_format_specs_apply():
 def test_bad_templates_are_refused_with_the_reason(template, problem):
     with pytest.raises(ValueError, match=problem.replace("(", r"\(").replace("[", r"\[")):
         spout.NameTemplate(template)
+
+
+@pytest.mark.parametrize("template", [
+    None, "{topic}/p{partition:03d}/{offset:x}", "{topic}/{offset:08}.bin", "%/{offset}",
+    "{topic}/{offset:0>25}", "{partition}-{offset:_}", "{topic}/{key}/{offset}",
+    "{date}/{hour}/{topic}-{offset}", "{key_hash}/{timestamp}-{offset}"])
+def test_names_per_polled_list_are_those_of_render(template):
+    from kafka.consumer.fetcher import ConsumerRecord
+    names = spout.NameTemplate(template)
+    records = [ConsumerRecord("a.b-c", 4, 0, offset, 1_700_000_000_000 + offset, 0,
+                              None if offset % 5 == 0 else b"k%d" % offset, b"v", [], None,
+                              1, 1, 0) for offset in (0, 1, 9, 10, 4095, 2**40)]
+    assert names.render_list("a.b-c", 4, records) == [
+        names.render("a.b-c", 4, r.offset, r.key, r.timestamp) for r in records]

@@ -136,3 +136,21 @@ def test_a_broker_that_goes_away_is_logged_and_sigterm_still_stops(fifo, spouts,
         assert stop_cleanly(spout) < 10
     finally:
         tansu.stop()
+
+
+def test_start_up_line_names_the_checksum_and_warns_once_without_the_c_one(
+        broker, topic, fifo, spouts, tmp_path):
+    spout = spouts(spout_env(broker, topic, fifo, LOG_LEVEL="INFO"))
+    wait_until(lambda: "starting:" in spout.log, 30, "the start-up line")
+    assert "crc32c='crc32c C extension" in spout.log, spout.log
+    assert "pure Python" not in spout.log
+    stop_cleanly(spout)
+    # A crc32c that cannot be imported, first on the path: kafka-python falls back for real.
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "crc32c.py").write_text("raise ImportError('hidden by the test')\n")
+    spout = spouts(spout_env(broker, topic, fifo, LOG_LEVEL="INFO", PYTHONPATH=str(hidden)))
+    wait_until(lambda: "starting:" in spout.log, 30, "the start-up line")
+    stop_cleanly(spout)
+    assert "crc32c='pure Python'" in spout.log, spout.log
+    assert spout.log.count("CRC32C in pure Python") == 1

@@ -860,7 +860,7 @@ def encode_archive(members: Iterable[tuple[str, bytes, int]]) -> Archive:
     extend = run.extend
     count = 0
     last_size = last_mtime = -1
-    fixed, fixed_sum, fast = b"", 0, False
+    fixed, fixed_sum, fast, padding = b"", 0, False, b""
     tail, paddings, nul, adler32 = _HEAD_TAIL, _PADDING, b"\x00", zlib.adler32  # hot loop
     checksum_fields = _CHECKSUM_FIELDS
     for name, data, mtime in members:

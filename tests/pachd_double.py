@@ -353,6 +353,13 @@ class PachdDouble:
     def head(self, repo: str, project: str = DEFAULT_PROJECT, branch: str = "master") -> CommitView:
         return self.commits(repo, project, branch)[-1]
 
+    def file_count(self, repo: str, project: str = DEFAULT_PROJECT,
+                   branch: str = "master") -> int:
+        """Files in the branch head, without copying them (for polling during benchmarks)."""
+        with self._lock:
+            record = self._repos[(project, repo)]
+            return len(record.commits[record.branches[branch].head].files)
+
     @property
     def calls(self) -> list[str]:
         with self._lock:

@@ -49,6 +49,16 @@ def port_open(port: int) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel kills the broker when the test process
+    dies, even by SIGKILL, so no JVM outlives a killed test run (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def fetch_jars() -> Path:
     """Runs Maven once; the stamp is newer than the pom only after a complete copy."""
     if STAMP.exists() and STAMP.stat().st_mtime >= POM.stat().st_mtime:
@@ -156,6 +166,8 @@ class ApacheKafka:
             "transaction.state.log.replication.factor": "1",
             "transaction.state.log.min.isr": "1", "transaction.state.log.num.partitions": "4",
             "group.initial.rebalance.delay.ms": "0",
+            # A node restarted after SIGKILL waits out its old registration's session.
+            "broker.heartbeat.interval.ms": "500", "broker.session.timeout.ms": "2000",
             # The suite sends messages up to 8 MiB (the spout's large-message tests).
             "message.max.bytes": str(16 << 20),
             # Compaction within seconds, for the compacted-topic test.
@@ -199,7 +211,7 @@ class ApacheKafka:
         stdout = open(self.home / "stdout.log", "ab")
         self.process = subprocess.Popen(self._java("kafka.Kafka", str(self.config), heap="512m"),
                                         stdout=stdout, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         stdout.close()
         deadline = started + START_TIMEOUT
         while not self._answers():

@@ -1185,7 +1185,7 @@ class Spout:
     def connect(self) -> bool:
         """Creates the consumer, retrying with back-off while the broker is unreachable."""
         from kafka import KafkaConsumer
-        from kafka.errors import AuthorizationError, KafkaError, SaslAuthenticationFailedError
+        from kafka.errors import KafkaError, SaslAuthenticationFailedError
         delay = 1.0
         while not self.stop.is_set():
             self.refused_in_authentication = False
@@ -1194,12 +1194,12 @@ class Spout:
                 return True
             except KafkaError as error:
                 if self.refused_in_authentication or isinstance(
-                        error, (SaslAuthenticationFailedError, AuthorizationError)):
+                        error, SaslAuthenticationFailedError):
                     log.warning("Kafka at %s refused this spout in SASL authentication "
-                                "(%s): the username or password is probably wrong (%s); "
+                                "(%s): the username or password is probably wrong (%s: %s); "
                                 "retrying in %.0fs", self.config.broker_address,
                                 self.config.kafka_options.get("sasl_mechanism"),
-                                type(error).__name__, delay)
+                                type(error).__name__, error, delay)
                 else:
                     log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",
                                 self.config.broker_address, type(error).__name__, delay)

@@ -173,6 +173,9 @@ class ApacheKafka:
             # Compaction within seconds, for the compacted-topic test.
             "log.cleaner.backoff.ms": "200",
             "log.retention.check.interval.ms": "1000",
+            # No retention by time: the suite sends messages stamped in 2024, which 7-day
+            # retention (by CreateTime) would delete within a second.
+            "log.retention.ms": "-1",
             # A second SASL attempt after a wrong password is answered at once.
             "sasl.login.retry.backoff.ms": "100",
         }

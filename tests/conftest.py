@@ -119,6 +119,17 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("Apache Kafka logs", logs))
 
 
+def pytest_terminal_summary(terminalreporter):
+    if _apache_kafkas:
+        starts = [(node.home.name, node.format_seconds, node.startup_seconds)
+                  for node in _apache_kafkas]
+        total = sum(f + sum(s) for _name, f, s in starts)
+        terminalreporter.write_line(
+            f"Apache Kafka start-up: {total:.1f}s in all; " + "; ".join(
+                f"{name}: format {f:.1f}s, start {', '.join(f'{x:.1f}s' for x in s)}"
+                for name, f, s in starts))
+
+
 @pytest.fixture(scope="session")
 def apache_kafka():
     """The session's Apache Kafka node (make test-kafka only), with its SASL_SSL listener."""

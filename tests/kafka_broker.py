@@ -139,7 +139,8 @@ class ApacheKafka:
         self.scram_password = uuid.uuid4().hex
         self.ca = TestCA(self.home)
         self.process: subprocess.Popen | None = None
-        self.startup_seconds: list[float] = []
+        self.startup_seconds: list[float] = []  # each start() until it answered
+        self.format_seconds = 0.0
         self._write_config(extra or {})
         self._format()
         self.start()
@@ -199,6 +200,7 @@ class ApacheKafka:
                 "-cp", f"{self.lib}/*", main, *args]
 
     def _format(self) -> None:
+        started = time.monotonic()
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         result = subprocess.run(self._java(
             "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
@@ -207,6 +209,7 @@ class ApacheKafka:
             capture_output=True, text=True)
         if result.returncode != 0:
             raise BrokerError(f"kafka-storage format failed: {result.stdout}{result.stderr}")
+        self.format_seconds = time.monotonic() - started
 
     def start(self) -> float:
         """Starts the node and waits until it answers a metadata request; returns seconds."""

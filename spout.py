@@ -1091,7 +1091,7 @@ class Spout:
         self.connected = True
         self.assigned: set = set()
         self.consumer = None
-        self.out_of_range: deque = deque()  # (partition, offset) reset by kafka-python
+        self.out_of_range: deque = deque()  # (partition, from, to) reset by kafka-python
         self.refused_in_authentication = False
 
     # -- Kafka
@@ -1120,12 +1120,17 @@ class Spout:
           kafka-python 3.0.12 drops that answer with the close: a connection lost after its
           ApiVersions exchange and before "Connected" was lost in SASL authentication.
         """
-        out_of_range, authenticating = self.out_of_range, set()
+        lost_at: dict = {}  # partition: the offset found out of range, until its reset
+        authenticating: set = set()
         sasl = str(self.config.kafka_options.get("security_protocol", "")).startswith("SASL")
 
         def fetcher(record: logging.LogRecord) -> bool:
             if record.msg == "Fetch offset %s is out of range for topic-partition %s":
-                out_of_range.append((record.args[1], record.args[0]))
+                lost_at[record.args[1]] = record.args[0]
+            elif record.msg == "Resetting offset for partition %s to offset %s." and \
+                    record.args[0] in lost_at:
+                partition, offset = record.args
+                self.out_of_range.append((partition, lost_at.pop(partition), offset))
             return record.levelno >= logging.WARNING
 
         def connection(record: logging.LogRecord) -> bool:
@@ -1150,12 +1155,8 @@ class Spout:
 
     def report_offset_resets(self) -> None:
         while self.out_of_range:
-            tp, lost_at = self.out_of_range.popleft()
-            try:
-                now_at = self.consumer.position(tp, timeout_ms=5000)
-            except Exception:  # revoked meanwhile: its next owner starts it
-                continue
-            if now_at is not None and now_at >= lost_at:
+            tp, lost_at, now_at = self.out_of_range.popleft()
+            if now_at >= lost_at:
                 gap = f"offsets {lost_at}..{now_at - 1} ({now_at - lost_at}) are skipped"
             else:
                 gap = "the log ends before it; the broker lost or truncated records"
@@ -1196,10 +1197,9 @@ class Spout:
                 if self.refused_in_authentication or isinstance(
                         error, SaslAuthenticationFailedError):
                     log.warning("Kafka at %s refused this spout in SASL authentication "
-                                "(%s): the username or password is probably wrong (%s: %s); "
+                                "(%s): the username or password is probably wrong (%s); "
                                 "retrying in %.0fs", self.config.broker_address,
-                                self.config.kafka_options.get("sasl_mechanism"),
-                                type(error).__name__, error, delay)
+                                self.config.kafka_options.get("sasl_mechanism"), error, delay)
                 else:
                     log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",
                                 self.config.broker_address, type(error).__name__, delay)

@@ -173,7 +173,7 @@ class ApacheKafka:
             "message.max.bytes": str(16 << 20),
             # Compaction within seconds, for the compacted-topic test.
             "log.cleaner.backoff.ms": "200",
-            "log.retention.check.interval.ms": "1000",
+            "log.retention.check.interval.ms": "1000", "log.initial.task.delay.ms": "0",
             # No retention by time: the suite sends messages stamped in 2024, which 7-day
             # retention (by CreateTime) would delete within a second.
             "log.retention.ms": "-1",

@@ -659,39 +659,63 @@ def test_the_broker_restarted_mid_stream_loses_nothing(spouts, outputs):
 
 # --------------------------------------------------------------------------- retention
 
-def test_a_committed_offset_deleted_by_retention_restarts_from_the_reset_with_a_warning(
-        apache_kafka, spouts, outputs):
+@pytest.mark.parametrize("removal", ["retention", "delete_records"])
+def test_a_committed_offset_deleted_under_the_group_restarts_from_the_reset_with_a_warning(
+        removal, apache_kafka, spouts, outputs):
+    """retention: the broker's own retention (retention.ms=1000) deletes the segments the
+    group's offsets point into; delete_records: DeleteRecords moves one partition's start."""
     from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+    from kafka.admin import ConfigResource, NewTopic
     from kafka.structs import OffsetAndMetadata
     bootstrap, partitions = apache_kafka.bootstrap, 3
-    topic = create_topic(bootstrap, partitions)
-    group = f"g-{topic}"
-    produce(bootstrap, topic, [(p, None, b"%d-%d" % (p, i)) for i in range(100)
-                               for p in range(partitions)])
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                             enable_auto_commit=False)
-    consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(10, "", -1)
-                     for p in range(partitions)})
-    consumer.close(autocommit=False)
-    # What retention does to the log: its start moves past the group's offset.
+    topic = topic_name("gone")
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        admin.delete_records({TopicPartition(topic, 0): 60})
+        configs = {"retention.ms": "1000", "segment.ms": "100"} if removal == "retention" \
+            else {}
+        admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=configs)])
+        produce(bootstrap, topic, [(p, None, b"%d-%d" % (p, i)) for i in range(100)
+                                   for p in range(partitions)])
+        group = f"g-{topic}"
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                 enable_auto_commit=False)
+        consumer.commit({tp: OffsetAndMetadata(10, "", -1) for tp in tps})
+        if removal == "delete_records":
+            admin.delete_records({tps[0]: 60})
+        else:
+            def deleted():
+                time.sleep(0.2)  # segment.ms: the next record rolls a segment retention takes
+                produce(bootstrap, topic, [(p, None, b"roll") for p in range(partitions)])
+                return all(o > 10 for o in consumer.beginning_offsets(tps).values())
+            wait_until(deleted, 60, "retention to delete the old segments", interval=0.5)
+            # What is left stays while the spout reads it.
+            admin.alter_configs([ConfigResource("TOPIC", topic, {"retention.ms": "-1"})])
+        consumer.close(autocommit=False)
     finally:
         admin.close()
-    expected = {f"/{topic}/{p}/{o:020d}": b"%d-%d" % (p, o)
-                for p in range(partitions) for o in range(60 if p == 0 else 10, 100)}
+    produce(bootstrap, topic, [(p, None, b"after-%d-%d" % (p, i)) for i in range(20)
+                               for p in range(partitions)])
+    truth = read_all(bootstrap, topic, partitions)
+    log_start = {p: min(o for (q, o) in truth if q == p) for p in range(partitions)}
+    resumes = {p: max(log_start[p], 10) for p in range(partitions)}
+    expected = {f"/{topic}/{p}/{o:020d}": record.value for (p, o), record in truth.items()
+                if o >= resumes[p]}
     repo = outputs("reset")
     spout = spouts(spout_env(bootstrap, topic, None, LOG_LEVEL="INFO", **repo.env))
     wait_until(lambda: len(repo.files()) >= len(expected), 60, "the remaining messages")
     stop(spout)
-    warnings = [line for line in spout.log.splitlines()
-                if " WARNING kafka-spout: " in line and "out of range" in line]
-    print(f"\noffsets out of range: {len(repo.files())} delivered; warning: "
-          f"{warnings[0].split('kafka-spout: ')[1] if warnings else None!r}")
+    warnings = sorted(line.split("kafka-spout: ")[1] for line in spout.log.splitlines()
+                      if " WARNING kafka-spout: " in line and "out of range" in line)
+    print(f"\noffsets out of range ({removal}): group at 10, log now starts at {log_start}; "
+          f"{len(repo.files())} delivered; warnings: {warnings}")
     assert repo.files() == expected
-    assert len(warnings) == 1
-    assert f"{topic}/0: offset 10 is out of range" in warnings[0]
-    assert "AUTO_OFFSET_RESET=earliest restarts it at offset 60" in warnings[0]
-    assert "offsets 10..59 (50) are skipped" in warnings[0]
-    assert committed(bootstrap, group, topic, partitions) == {0: 100, 1: 100, 2: 100}
+    gaps = [p for p in range(partitions) if log_start[p] > 10]
+    assert gaps == ([0] if removal == "delete_records" else [0, 1, 2])
+    assert len(warnings) == len(gaps)
+    for p, warning in zip(gaps, warnings):
+        assert warning.startswith(f"{topic}/{p}: offset 10 is out of range on {bootstrap}")
+        assert (f"AUTO_OFFSET_RESET=earliest restarts it at offset {log_start[p]}: offsets "
+                f"10..{log_start[p] - 1} ({log_start[p] - 10}) are skipped") in warning
+    ends = end_offsets(bootstrap, topic, partitions)
+    assert committed(bootstrap, group, topic, partitions) == ends

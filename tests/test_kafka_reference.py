@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,6 @@ def outputs(request, tmp_path, readers):
     made: list[Output] = []
 
     def new(label: str = "out", overwrite: bool = True, marker: str | None = None) -> Output:
-        import os
         folder = tmp_path / f"{label}-{len(made)}" / "pfs"
         folder.mkdir(parents=True)
         pipe = folder / "out"
@@ -585,7 +585,6 @@ def test_a_wrong_password_says_why_and_never_logs_it(apache_kafka, spouts, tmp_p
     password_file = tmp_path / "password"
     password_file.write_text(wrong)
     pipe = tmp_path / "out"
-    import os
     os.mkfifo(pipe)
     started = time.monotonic()
     spout = spouts(spout_env(node.bootstrap, topic, pipe, **sasl_env(node, password_file)))

@@ -1224,16 +1224,18 @@ class Spout:
             self.consumer.subscribe(pattern=f"(?:{self.config.topic_pattern})\\Z",
                                     listener=Listener())
         else:
-            # Partitions known before the first join: a leader that assigns before its
-            # metadata has them assigns nothing, and kafka-python 3.0.12 does not always
-            # rejoin when they arrive (seen against Apache Kafka 4.1: a spout idle for good).
+            self.consumer.subscribe(list(self.config.topics), listener=Listener())
+            # The topics' partitions in kafka-python's metadata before the first join. Else
+            # the leader assigns from metadata without them, rejoins when they arrive, and
+            # kafka-python 3.0.12 can drop that rejoin's result when the poll that awaited
+            # it times out first: no partitions and no heartbeats, for good (seen against
+            # Apache Kafka 4.1). After subscribe(), so that the group's snapshot has them.
             from kafka.errors import KafkaError
             try:
                 for topic in self.config.topics:
                     self.consumer.partitions_for_topic(topic)
             except KafkaError as error:
                 log.debug("metadata before joining failed (%s); joining anyway", error)
-            self.consumer.subscribe(list(self.config.topics), listener=Listener())
 
     def assign(self) -> None:
         """Marker mode: every partition of the topics, resumed where the marker says.

@@ -163,6 +163,7 @@ def test_committed_records_only_and_fresh_metadata_by_default(base):
                            threading.Event()).consumer_options()
     assert options()["isolation_level"] == "read_committed"
     assert options()["metadata_max_age_ms"] == 30_000
+    assert options()["reconnect_backoff_max_ms"] == 1000
     changed = options(KAFKA_ISOLATION_LEVEL="read_uncommitted", KAFKA_METADATA_MAX_AGE_MS="500")
     assert changed["isolation_level"] == "read_uncommitted"
     assert changed["metadata_max_age_ms"] == 500

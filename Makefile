@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench soak venv clean
+.PHONY: test test-kafka kafka-jars demo bench soak venv clean
 
 venv: $(STAMP)
 
@@ -15,6 +15,22 @@ $(STAMP): requirements.txt requirements-dev.txt
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Apache Kafka's own jars, pinned in tests/kafka/pom.xml, fetched once by Maven (Java 17+).
+KAFKA_LIB := .cache/kafka-lib
+KAFKA_STAMP := $(KAFKA_LIB)/.fetched
+
+kafka-jars: $(KAFKA_STAMP)
+
+$(KAFKA_STAMP): tests/kafka/pom.xml
+	rm -rf $(KAFKA_LIB)
+	mvn -q -B -Dstyle.color=never -f tests/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(KAFKA_LIB)
+	touch $(KAFKA_STAMP)
+
+# The broker-facing tests against Apache Kafka (a KRaft node per session), plus the tests
+# only it can run (marked kafka_reference).
+test-kafka: $(STAMP) $(KAFKA_STAMP)
+	SPOUT_TEST_BROKER=kafka $(PY) -m pytest $(PYTEST_ARGS)
+
 demo: $(STAMP)
 	$(PY) demo/demo.py
 
@@ -25,4 +41,4 @@ soak: $(STAMP)
 	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis demo-out
+	rm -rf $(VENV) .pytest_cache .hypothesis demo-out .cache

@@ -1877,11 +1877,20 @@ class Spout:
         self.assigned: set = set()
         self.consumer = None
         self.monitor = Monitor()   # main() puts a MetricsMonitor here when METRICS_PORT is set
+        self.out_of_range: deque = deque()  # (partition, from, to) reset by kafka-python
+        self.refused_in_authentication = False
 
     # -- Kafka
     def consumer_options(self) -> dict:
+        # read_committed: records of aborted transactions never reach Pachyderm.
+        # metadata_max_age_ms: new partitions and TOPIC_PATTERN's new topics appear in
+        # kafka-python's metadata only when it is refreshed; 5 minutes by default.
+        # reconnect_backoff_max_ms: kafka-python's 30 s (Java's is 1 s) left the spout idle
+        # for up to 17 s after a restarted broker was back; with 1 s, 1-2 s.
         options = {"bootstrap_timeout_ms": 3000, "max_poll_records": 1000,
-                   "max_partition_fetch_bytes": 4 * 1024 * 1024}
+                   "max_partition_fetch_bytes": 4 * 1024 * 1024,
+                   "isolation_level": "read_committed", "metadata_max_age_ms": 30_000,
+                   "reconnect_backoff_max_ms": 1000}
         options.update(self.config.kafka_options)
         if self.config.group_instance_id and not self.config.exactly_once:
             options["group_instance_id"] = self.config.group_instance_id
@@ -1891,20 +1900,100 @@ class Spout:
                        enable_auto_commit=False)
         return options
 
+    def watch_kafka_python(self) -> None:
+        """Learns two things kafka-python tells only in INFO log records, which stay hidden:
+
+        - a partition whose fetch offset is out of range (retention deleted it) is reset to
+          AUTO_OFFSET_RESET; the fetcher's record is the only place the old offset is known;
+        - a broker that refuses SASL credentials answers and closes the connection, and
+          kafka-python 3.0.12 drops that answer with the close: a connection lost after its
+          ApiVersions exchange and before "Connected" was lost in SASL authentication.
+        """
+        lost_at: dict = {}  # partition: the offset found out of range, until its reset
+        authenticating: set = set()
+        sasl = str(self.config.kafka_options.get("security_protocol", "")).startswith("SASL")
+
+        def fetcher(record: logging.LogRecord) -> bool:
+            if record.msg == "Fetch offset %s is out of range for topic-partition %s":
+                lost_at[record.args[1]] = record.args[0]
+            elif record.msg == "Resetting offset for partition %s to offset %s." and \
+                    record.args[0] in lost_at:
+                partition, offset = record.args
+                self.out_of_range.append((partition, lost_at.pop(partition), offset))
+            return record.levelno >= logging.WARNING
+
+        def connection(record: logging.LogRecord) -> bool:
+            conn = id(record.args[0]) if isinstance(record.args, tuple) and record.args \
+                else None
+            if str(record.msg).startswith("%s: Broker version identified") and sasl:
+                authenticating.add(conn)
+            elif record.msg == "%s: Connected":
+                authenticating.discard(conn)
+                self.refused_in_authentication = False
+            elif record.msg == "%s: Connection lost: %s" and conn in authenticating:
+                authenticating.discard(conn)
+                self.refused_in_authentication = True
+            return record.levelno >= logging.WARNING
+
+        for name, capture in (("kafka.consumer.fetcher", fetcher),
+                              ("kafka.net.connection", connection)):
+            logger = logging.getLogger(name)
+            logger.addFilter(capture)
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
+
+    def report_offset_resets(self) -> None:
+        while self.out_of_range:
+            tp, lost_at, now_at = self.out_of_range.popleft()
+            if now_at >= lost_at:
+                gap = f"offsets {lost_at}..{now_at - 1} ({now_at - lost_at}) are skipped"
+            else:
+                gap = "the log ends before it; the broker lost or truncated records"
+            log.warning("%s/%d: offset %d is out of range on %s (deleted by retention?); "
+                        "AUTO_OFFSET_RESET=%s restarts it at offset %s: %s", tp.topic,
+                        tp.partition, lost_at, self.config.broker_address,
+                        self.config.auto_offset_reset, now_at, gap)
+
+    def lag(self) -> int | None:
+        """Messages still to read, from the high watermark that fetches carry (ListOffsets
+        may be wrong on Kafka-protocol brokers such as Tansu). Includes open transactions."""
+        if self.consumer is None:
+            return None
+        total, known = 0, False
+        try:
+            for tp in self.consumer.assignment():
+                highwater = self.consumer.highwater(tp)
+                # position() may ask the coordinator or reset; the fetch position is local.
+                position = self.consumer._subscription.assignment[tp].position
+                if highwater is not None and position is not None:
+                    total += max(highwater - position.offset, 0)
+                    known = True
+        except Exception:  # the assignment changed under us: no figure this time
+            return None
+        return total if known else None
+
     def connect(self) -> bool:
         """Creates the consumer, retrying with back-off while the broker is unreachable."""
         from kafka import KafkaConsumer
-        from kafka.errors import KafkaError
+        from kafka.errors import KafkaError, SaslAuthenticationFailedError
         delay = 1.0
         while not self.stop.is_set():
+            self.refused_in_authentication = False
             try:
                 self.consumer = KafkaConsumer(**self.consumer_options())
                 self.monitor.kafka_reachable(True)
                 return True
             except KafkaError as error:
                 self.monitor.kafka_reachable(False)
-                log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",
-                            self.config.broker_address, type(error).__name__, delay)
+                if self.refused_in_authentication or isinstance(
+                        error, SaslAuthenticationFailedError):
+                    log.warning("Kafka at %s refused this spout in SASL authentication "
+                                "(%s): the username or password is probably wrong (%s); "
+                                "retrying in %.0fs", self.config.broker_address,
+                                self.config.kafka_options.get("sasl_mechanism"), error, delay)
+                else:
+                    log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",
+                                self.config.broker_address, type(error).__name__, delay)
             if self.stop.wait(delay):
                 break
             delay = min(delay * 2, CONNECT_BACKOFF_MAX)
@@ -1927,6 +2016,17 @@ class Spout:
                                     listener=Listener())
         else:
             self.consumer.subscribe(list(self.config.topics), listener=Listener())
+            # The topics' partitions in kafka-python's metadata before the first join. Else
+            # the leader assigns from metadata without them, rejoins when they arrive, and
+            # kafka-python 3.0.12 can drop that rejoin's result when the poll that awaited
+            # it times out first: no partitions and no heartbeats, for good (seen against
+            # Apache Kafka 4.1). After subscribe(), so that the group's snapshot has them.
+            from kafka.errors import KafkaError
+            try:
+                for topic in self.config.topics:
+                    self.consumer.partitions_for_topic(topic)
+            except KafkaError as error:
+                log.debug("metadata before joining failed (%s); joining anyway", error)
 
     def adopt_record(self, record: tuple[list[str], dict] | None) -> None:
         """Where Pachyderm's record says each partition resumes."""
@@ -2176,6 +2276,7 @@ class Spout:
 
     # -- the loop
     def run(self) -> int:
+        self.watch_kafka_python()
         try:
             self.adopt_record(self.delivery.start())
         except Stopped:
@@ -2225,6 +2326,8 @@ class Spout:
                     self.monitor.kafka_reachable(False)
                     records = None
                     self.stop.wait(1.0)
+                if self.out_of_range:
+                    self.report_offset_resets()
                 if records:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("polled %d record(s)", sum(map(len, records.values())))
@@ -2244,7 +2347,9 @@ class Spout:
                     self.check_connection()
                     next_health_check += HEALTH_CHECK_INTERVAL
                 if time.monotonic() >= next_stats:
-                    log.info(self.stats.line(), extra={"fields": self.stats.fields()})
+                    lag = self.lag()
+                    log.info("%s lag=%s", self.stats.line(), lag,
+                             extra={"fields": {**self.stats.fields(), "lag": lag}})
                     next_stats += STATS_INTERVAL
         except Stopped:
             pass
@@ -2264,8 +2369,10 @@ class Spout:
         remaining_ms = int(min(max(deadline - time.monotonic(), 0.5), 3.0) * 1000)
         self.commit(timeout_ms=remaining_ms, final=True)
         self.delivery.close(deadline + 1.0)
+        lag = self.lag()
         self.consumer.close(autocommit=False, timeout_ms=1000)
-        log.info("stopped; %s", self.stats.line(), extra={"fields": self.stats.fields()})
+        log.info("stopped; %s lag=%s", self.stats.line(), lag,
+                 extra={"fields": {**self.stats.fields(), "lag": lag}})
         return 0
 
 

@@ -87,12 +87,69 @@ class Tansu:
                 self.process.wait()
 
 
+# `make test-kafka` sets SPOUT_TEST_BROKER=kafka: the broker-facing tests then run against
+# Apache Kafka itself, and the tests marked kafka_reference run too.
+REFERENCE_BROKER = os.environ.get("SPOUT_TEST_BROKER", "tansu") == "kafka"
+_apache_kafkas: list = []  # every Apache Kafka started, so a failing test can name its log
+
+
+def start_apache_kafka(name: str = "kafka", **extra):
+    from kafka_broker import ApacheKafka
+    node = ApacheKafka(name, extra=extra)
+    _apache_kafkas.append(node)
+    return node
+
+
+def pytest_collection_modifyitems(config, items):
+    if REFERENCE_BROKER:
+        return
+    skip = pytest.mark.skip(reason="needs Apache Kafka: make test-kafka")
+    for item in items:
+        if "kafka_reference" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _apache_kafkas:
+        logs = "\n".join(f"Apache Kafka log: {node.log_path}" for node in _apache_kafkas
+                         if node.running)
+        report.sections.append(("Apache Kafka logs", logs))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _apache_kafkas:
+        starts = [(node.home.name, node.format_seconds, node.startup_seconds)
+                  for node in _apache_kafkas]
+        total = sum(f + sum(s) for _name, f, s in starts)
+        terminalreporter.write_line(
+            f"Apache Kafka start-up: {total:.1f}s in all; " + "; ".join(
+                f"{name}: format {f:.1f}s, start {', '.join(f'{x:.1f}s' for x in s)}"
+                for name, f, s in starts))
+
+
 @pytest.fixture(scope="session")
-def broker():
-    """Bootstrap address of the broker: SPOUT_TEST_BOOTSTRAP if set, else a fresh Tansu."""
+def apache_kafka():
+    """The session's Apache Kafka node (make test-kafka only), with its SASL_SSL listener."""
+    if not REFERENCE_BROKER:
+        pytest.skip("needs Apache Kafka: make test-kafka")
+    node = start_apache_kafka("kafka-session")
+    yield node
+    node.remove()
+
+
+@pytest.fixture(scope="session")
+def broker(request):
+    """Bootstrap address of the broker: SPOUT_TEST_BOOTSTRAP if set, else Apache Kafka under
+    make test-kafka, else a fresh Tansu."""
     external = os.environ.get("SPOUT_TEST_BOOTSTRAP")
     if external:
         yield external
+        return
+    if REFERENCE_BROKER:
+        yield request.getfixturevalue("apache_kafka").bootstrap
         return
     tansu = Tansu()
     yield tansu.bootstrap

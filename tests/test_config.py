@@ -155,6 +155,20 @@ def test_consumer_options_keep_the_spout_in_charge_of_offsets(base):
         .consumer_options()
 
 
+def test_committed_records_only_and_fresh_metadata_by_default(base):
+    import threading
+
+    def options(**env):
+        return spout.Spout(spout.Config.from_sources({**base, **env}),
+                           threading.Event()).consumer_options()
+    assert options()["isolation_level"] == "read_committed"
+    assert options()["metadata_max_age_ms"] == 30_000
+    assert options()["reconnect_backoff_max_ms"] == 1000
+    changed = options(KAFKA_ISOLATION_LEVEL="read_uncommitted", KAFKA_METADATA_MAX_AGE_MS="500")
+    assert changed["isolation_level"] == "read_uncommitted"
+    assert changed["metadata_max_age_ms"] == 500
+
+
 def test_logged_errors_stay_on_one_line_without_tracebacks():
     import io
     import logging

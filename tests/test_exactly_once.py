@@ -189,6 +189,10 @@ def test_two_spouts_in_one_group_share_the_work_and_survive_one_leaving(
     env_a = chaos_env(broker, topic, pipes[0], GROUP_ID=f"shared-{topic}")
     env_b = chaos_env(broker, topic, pipes[1], GROUP_ID=f"shared-{topic}")
     spout_a, spout_b = spouts(env_a), spouts(env_b)
+    # Both in the group before the first message: Apache Kafka lets the first spout join
+    # (and read everything) before the second has joined.
+    wait_until(lambda: all("assigned ['" in s.log for s in (spout_a, spout_b)), 90,
+               "both spouts to hold partitions")
     produce(broker, topic, messages[:450])
     wait_until(lambda: len(reader_a.snapshot()) + len(reader_b.snapshot()) >= 450, 90,
                "the first half")

@@ -488,6 +488,60 @@ def truth_offsets(truth: dict):
 
 # --------------------------------------------------------------------------- compaction
 
+def test_transactions_through_pachd_record_offsets_past_control_records(apache_kafka,
+                                                                         spouts, tmp_path):
+    """The 2.x delivery on a transactional topic: committed records only, one commit record
+    whose offsets a restart resumes from exactly, across the gaps control records leave."""
+    import spout as spout_module
+    from kafka import KafkaProducer
+    from pachd_double import PachdDouble
+    bootstrap, partitions = apache_kafka.bootstrap, 3
+    topic = create_topic(bootstrap, partitions)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"tx-{topic}")
+    producer.init_transactions()
+
+    def transaction(label: bytes, commit: bool) -> None:
+        producer.begin_transaction()
+        for i in range(30):
+            producer.send(topic, value=b"%s-%d" % (label, i), partition=i % partitions)
+        producer.flush()
+        producer.commit_transaction() if commit else producer.abort_transaction()
+
+    pachd = PachdDouble().start()
+    pachd.create_repo("out")
+    env = spout_env(bootstrap, topic, tmp_path / "no-pipe", DELIVERY="pfs",
+                    PACHD_ADDRESS=pachd.address, OUTPUT_REPO="default/out")
+    try:
+        for number in range(4):
+            transaction(b"first-%d" % number, commit=number != 1)
+        truth = files_of(topic, read_all(bootstrap, topic, partitions))
+        first = spouts(env)
+        wait_until(lambda: pachd.file_count("out") >= len(truth), 60, "the committed records")
+        stop(first)
+        for number in range(4):
+            transaction(b"later-%d" % number, commit=number != 2)
+        truth = files_of(topic, read_all(bootstrap, topic, partitions))
+        ends = end_offsets(bootstrap, topic, partitions)
+        second = spouts(env)
+        wait_until(lambda: pachd.file_count("out") >= len(truth), 60, "the later records")
+        stop(second)
+        head = pachd.head("out")
+        _, positions = spout_module.record_from_description(head.description)
+        writes = sum(len(c.changed) for c in pachd.commits("out"))
+    finally:
+        producer.close()
+        pachd.stop()
+    print(f"\ntransactions through pachd: {len(truth)} committed records in "
+          f"{len(pachd.commits('out')) - 1} commits, {writes} files written, record "
+          f"{ {p: positions[(topic, p)] for p in range(partitions)} } against ends {ends}")
+    assert head.files == truth
+    assert not [v for v in head.files.values() if v.startswith((b"first-1-", b"later-2-"))]
+    assert writes == len(truth)  # nothing written twice across the restart
+    last_data = {p: max(o for (q, o) in truth_offsets(truth) if q == p) for p in range(3)}
+    for p in range(partitions):
+        assert last_data[p] < positions[(topic, p)] <= ends[p]
+
+
 def test_compacted_topic_ends_as_the_latest_value_per_key(apache_kafka, spouts, outputs):
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic

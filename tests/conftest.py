@@ -305,3 +305,36 @@ def readers():
     yield start
     for reader in started:
         reader.stop()
+
+
+# -- Pachyderm 2.x: the pachd double and the settings a 2.x spout runs with
+PACH_TOKEN = "pipeline-token-0123456789"
+PACH_REPO = "out"
+
+
+@pytest.fixture
+def pachd():
+    """The pachd double with auth on and the output repo a new spout pipeline has."""
+    from pachd_double import PachdDouble
+    double = PachdDouble(token=PACH_TOKEN).start()
+    double.create_repo(PACH_REPO)
+    yield double
+    double.stop()
+
+
+def pfs_env(broker, topic, pachd, tmp_path, **extra) -> dict:
+    """As in a 2.x spout: the pachctl config Pachyderm mounts, no pipe, DELIVERY left to auto."""
+    from pachd_double import write_pach_config
+    config = write_pach_config(tmp_path / "pachctl.json", pachd.address, PACH_TOKEN)
+    env = {"BOOTSTRAP_SERVERS": broker, "TOPIC": topic, "PACH_CONFIG": str(config),
+           "OUTPUT_PIPE": str(tmp_path / "no-pipe"), "OUTPUT_REPO": f"default/{PACH_REPO}",
+           "GROUP_ID": f"g-{topic}", "BATCH_MAX_SECONDS": "0.2", "LOG_LEVEL": "DEBUG",
+           "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+           "KAFKA_MAX_POLL_INTERVAL_MS": "6000"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def spout_commits(pachd) -> list:
+    """The commits the spout made: all but pachd's empty first one."""
+    return [c for c in pachd.commits(PACH_REPO) if c.description.startswith("kafka-spout: ")]

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import create_topic, spout_env, start_apache_kafka, wait_until
+from conftest import (committed_offsets, create_topic, spout_env, start_apache_kafka,
+                      wait_until)
 
 pytestmark = pytest.mark.kafka_reference
 
@@ -98,16 +99,6 @@ def read_all(bootstrap: str, topic: str, partitions: int,
 def files_of(topic: str, truth: dict) -> dict:
     return {f"/{topic}/{p}/{o:020d}": record.value for (p, o), record in truth.items()
             if record.value is not None}
-
-
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict:
-    from kafka import KafkaConsumer, TopicPartition
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                             enable_auto_commit=False)
-    try:
-        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
-    finally:
-        consumer.close(autocommit=False)
 
 
 def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict:
@@ -283,7 +274,7 @@ def test_group_of_three_then_four_under_steady_production(apache_kafka, spouts, 
     writes = sum(repo.writes for repo in repos.values())
     moves = sum(1 for before, after in zip(phases, phases[1:]) for p in before
                 if before[p] != after[p])
-    offsets = committed(bootstrap, group, topic, partitions)
+    offsets = committed_offsets(bootstrap, group, topic, partitions)
     ends = end_offsets(bootstrap, topic, partitions)
     behind = sum(ends[p] - (offsets[p] or 0) for p in range(partitions))
     print(f"\ngroup at scale: messages={len(truth)} in {elapsed:.0f}s at 400/s, rebalances="
@@ -407,7 +398,7 @@ def test_partitions_added_while_running_are_consumed(mode, apache_kafka, spouts,
             (Path(repo.env["OUTPUT_PIPE"]).parent / marker).read_bytes())
         assert positions == {(topic, 0): 40, (topic, 1): 40, (topic, 2): 20, (topic, 3): 20}
     else:
-        assert committed(bootstrap, f"g-{topic}", topic, 4) == {0: 40, 1: 40, 2: 20, 3: 20}
+        assert committed_offsets(bootstrap, f"g-{topic}", topic, 4) == {0: 40, 1: 40, 2: 20, 3: 20}
 
 
 # --------------------------------------------------------------------------- transactions
@@ -462,7 +453,7 @@ def test_transactions_deliver_committed_records_only(apache_kafka, spouts, outpu
     stop(control)
     files = committed_repo.files()
     delivered_aborted = [v for v in files.values() if v.startswith(b"abort")]
-    offsets = committed(bootstrap, f"g-{topic}", topic, partitions)
+    offsets = committed_offsets(bootstrap, f"g-{topic}", topic, partitions)
     last_data = {p: max(o for (q, o) in truth_offsets(truth) if q == p) for p in range(3)}
     final_lag = re.findall(r"stopped; .* lag=(\S+)", spout.log)
     print(f"\ntransactions: {fates.count('commit')} committed and {fates.count('abort')} "
@@ -680,7 +671,6 @@ def test_the_broker_restarted_mid_stream_loses_nothing(spouts, outputs):
         producer = SteadyProducer(node.bootstrap, topic, partitions, rate=300)
         producer.start()
         wait_until(lambda: len(repo.files()) >= 500, 60, "the stream to flow")
-        before = len(repo.files())
         stopped = time.monotonic()
         node.stop(hard=True)  # a crash: SIGKILL, no clean shutdown
         time.sleep(3)  # the outage itself
@@ -708,7 +698,7 @@ def test_the_broker_restarted_mid_stream_loses_nothing(spouts, outputs):
               f"{acked_at_restart}, at resume {acked_at_resume}")
         assert files == truth and not lost
         assert spout.process.returncode == 0
-        assert committed(node.bootstrap, f"g-{topic}", topic, partitions) == end_offsets(
+        assert committed_offsets(node.bootstrap, f"g-{topic}", topic, partitions) == end_offsets(
             node.bootstrap, topic, partitions)
     finally:
         node.remove()
@@ -775,4 +765,4 @@ def test_a_committed_offset_deleted_under_the_group_restarts_from_the_reset_with
         assert (f"AUTO_OFFSET_RESET=earliest restarts it at offset {log_start[p]}: offsets "
                 f"10..{log_start[p] - 1} ({log_start[p] - 10}) are skipped") in warning
     ends = end_offsets(bootstrap, topic, partitions)
-    assert committed(bootstrap, group, topic, partitions) == ends
+    assert committed_offsets(bootstrap, group, topic, partitions) == ends

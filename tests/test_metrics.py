@@ -15,14 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import (ROOT, create_topic, free_port, produce, read_back, spout_env,
-                      wait_until)
+from conftest import (PACH_REPO, ROOT, create_topic, free_port, pfs_env, produce, read_back,
+                      spout_commits, spout_env, wait_until)
 from prometheus_client.parser import text_string_to_metric_families
 
-from pachd_double import PachdDouble, write_pach_config
-
-TOKEN = "pipeline-token-0123456789"
-REPO = "out"
+REPO = PACH_REPO
 
 
 # -- scraping
@@ -208,28 +205,7 @@ def test_healthz_fails_while_the_reader_is_gone_with_archives_waiting(broker, to
                 reader.wait()
 
 
-# -- 2.x: pachd
-@pytest.fixture
-def pachd():
-    double = PachdDouble(token=TOKEN).start()
-    double.create_repo(REPO)
-    yield double
-    double.stop()
-
-
-def pfs_env(broker, topic, pachd, tmp_path, **extra) -> dict:
-    config = write_pach_config(tmp_path / "pachctl.json", pachd.address, TOKEN)
-    env = {"BOOTSTRAP_SERVERS": broker, "TOPIC": topic, "PACH_CONFIG": str(config),
-           "OUTPUT_PIPE": str(tmp_path / "no-pipe"), "OUTPUT_REPO": f"default/{REPO}",
-           "GROUP_ID": f"g-{topic}", "BATCH_MAX_SECONDS": "0.2", "LOG_LEVEL": "DEBUG"}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def spout_commits(pachd) -> list:
-    return [c for c in pachd.commits(REPO) if c.description.startswith("kafka-spout")]
-
-
+# -- 2.x: pachd (fixtures in conftest)
 def test_pfs_run_counts_match_pachd_lag_drains_to_zero_and_json_logs_parse(
         broker, pachd, tmp_path, spouts):
     topic = create_topic(broker, 3)

@@ -10,39 +10,12 @@ import sys
 import time
 
 import pytest
-from conftest import (SPOUT, committed_offsets, create_topic, free_port, produce, read_back,
-                      wait_until)
+from conftest import (PACH_REPO, PACH_TOKEN, SPOUT, committed_offsets, create_topic, free_port,
+                      pfs_env, produce, read_back, spout_commits, wait_until)
 
 import spout
-from pachd_double import PachdDouble, write_pach_config
 
-TOKEN = "pipeline-token-0123456789"
-REPO = "out"
-
-
-@pytest.fixture
-def pachd():
-    double = PachdDouble(token=TOKEN).start()
-    double.create_repo(REPO)
-    yield double
-    double.stop()
-
-
-def pfs_env(broker, topic, pachd, tmp_path, **extra) -> dict:
-    """As in a 2.x spout: the pachctl config Pachyderm mounts, no pipe, DELIVERY left to auto."""
-    config = write_pach_config(tmp_path / "pachctl.json", pachd.address, TOKEN)
-    env = {"BOOTSTRAP_SERVERS": broker, "TOPIC": topic, "PACH_CONFIG": str(config),
-           "OUTPUT_PIPE": str(tmp_path / "no-pipe"), "OUTPUT_REPO": f"default/{REPO}",
-           "GROUP_ID": f"g-{topic}", "BATCH_MAX_SECONDS": "0.2", "LOG_LEVEL": "DEBUG",
-           "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "500",
-           "KAFKA_MAX_POLL_INTERVAL_MS": "6000"}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def spout_commits(pachd) -> list:
-    """The commits the spout made: all but pachd's empty first one."""
-    return [c for c in pachd.commits(REPO) if c.description.startswith("kafka-spout")]
+TOKEN, REPO = PACH_TOKEN, PACH_REPO
 
 
 def head_files(pachd) -> dict:

@@ -1680,6 +1680,11 @@ class PfsDelivery(Delivery):
                          description.splitlines()[1] if "\n" in description else "")
                 return record
             commit = info.parent_commit
+        else:
+            log.warning("no kafka-spout commit among the newest %d of %s: partitions start "
+                        "from the group's offsets, else AUTO_OFFSET_RESET",
+                        RECORD_SEARCH_COMMITS, self.repo)
+            return [], {}
         log.info("no kafka-spout commit on %s yet: partitions start from the group's "
                  "offsets, else AUTO_OFFSET_RESET", self.repo)
         return [], {}

@@ -335,3 +335,26 @@ def test_hand_encoded_modify_file_requests_equal_the_sdks(sizes):
             expected.append(bytes(pfs.ModifyFileRequest(
                 add_file=pfs.AddFile(path=name, raw=data[start:start + chunk]))))
     assert list(spout.modify_file_requests(members, chunk)) == expected
+
+
+def test_the_record_is_looked_for_past_other_commits_but_not_forever(pachd, tmp_path,
+                                                                    monkeypatch):
+    """Commits of others on top of the spout's last one are walked past; beyond the limit the
+    spout says it found none."""
+    import threading
+    from pachyderm_sdk import Client
+    from pachyderm_sdk.api import pfs
+    client = Client("127.0.0.1", pachd.port, auth_token=TOKEN)
+    branch = pfs.Branch.from_uri(f"default/{REPO}@master")
+    ours = spout.describe_commit({}, 0, ["t"], {("t", 0): 42})
+    client.pfs.finish_commit(commit=client.pfs.start_commit(branch=branch, description=ours))
+    for _ in range(3):
+        client.pfs.finish_commit(commit=client.pfs.start_commit(branch=branch))
+    config = spout.Config.from_sources({
+        "HOST": "127.0.0.1", "PORT": "9", "TOPIC": "t", "DELIVERY": "pfs",
+        "PACHD_ADDRESS": pachd.address, "PACH_TOKEN": TOKEN, "OUTPUT_REPO": f"default/{REPO}"})
+    delivery = spout.PfsDelivery(config, threading.Event())
+    assert delivery.start() == (["t"], {("t", 0): 42})
+    monkeypatch.setattr(spout, "RECORD_SEARCH_COMMITS", 3)
+    assert delivery.start() == ([], {})
+    delivery.close(time.monotonic() + 1)

@@ -1290,7 +1290,10 @@ class PipeArchives:
         consumed = self._consumed()
         boundaries = {0, current.start} | {e.end for e in self.in_flight if e.end is not None}
         if consumed not in boundaries:
-            return False
+            # A reader that reopens at once (1.8-1.10 do so after every archive) can be back,
+            # and reading the next archive, before the failed write is even noticed: only
+            # such a reader is there again this soon.
+            return not self.pipe.reader_gone()
         waited_until = time.monotonic() + READER_GONE_SECONDS
         delay = 0.001
         while self.pipe.reader_gone():

@@ -1737,32 +1737,24 @@ class PfsDelivery(Delivery):
         """After a failed attempt: True if pachd finished its commit after all, else the
         commit is dropped (if it exists) and False."""
         import grpc
-        commit = self.unsettled
-        if commit is _STARTING:
-            # Its id never reached the spout: if the branch head is a commit of ours still
-            # open, that is it.
-            head = self.client.head(deadline)
-            info = self.client.inspect_commit(head, deadline) if head and head.id else None
-            if info is not None and commit_is_open(info) and \
-                    (info.description or "").startswith(DESCRIPTION_TITLE):
-                self.client.drop_commit(head, deadline)
-                log.info("dropped the unfinished commit %s of %s", head.id, self.repo)
-            self.unsettled = None
-            return False
-        try:
-            info = self.client.inspect_commit(commit, deadline)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            self.unsettled = None
-            return False
-        if not commit_is_open(info):
-            self.unsettled = None
-            return True
-        self.client.drop_commit(commit, deadline)
+        starting = self.unsettled is _STARTING
+        # If StartCommit's answer was lost, its commit can only be the branch head, if that
+        # is a commit of ours still open.
+        commit = self.client.head(deadline) if starting else self.unsettled
+        info = None
+        if commit is not None and commit.id:
+            try:
+                info = self.client.inspect_commit(commit, deadline)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+        held = info is not None and not starting and not commit_is_open(info)
+        if info is not None and commit_is_open(info) and (
+                not starting or (info.description or "").startswith(DESCRIPTION_TITLE)):
+            self.client.drop_commit(commit, deadline)
+            log.info("dropped the unfinished commit %s of %s", commit.id, self.repo)
         self.unsettled = None
-        log.info("dropped the unfinished commit %s of %s", commit.id, self.repo)
-        return False
+        return held
 
     def held(self, final: bool = False) -> list[Outgoing]:
         delivered, self.delivered = self.delivered, []

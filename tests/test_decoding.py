@@ -163,3 +163,27 @@ def test_a_bad_record_is_dead_lettered_or_skipped_by_shape():
     assert (reason["reason"], reason["detail"], reason["key"], reason["timestamp"]) == \
         ("no-magic-byte", "not framed", "k", 1_700_000_000_000)
     assert spout.decoded_shape("json", False, "skip")("t/1/42", bad, 7) == []
+
+
+def test_the_readme_example_spec_parses_strictly_and_configures_decode(tmp_path):
+    """The "Schema Registry" section's spec: as pachctl 2.x parses it, and its environment as
+    the spout reads it once the secret is mounted."""
+    from conftest import ROOT
+    from pachyderm_sdk.api import pps
+    from test_packaging import check_message
+    section = (ROOT / "README.md").read_text().split("## Schema Registry", 1)[1]
+    raw = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    check_message(pps.CreatePipelineRequest, raw, "")   # protojson: unknown fields fail
+    request = pps.CreatePipelineRequest().from_dict(raw)
+    [secret] = request.transform.secrets
+    mounted = tmp_path / "secrets"
+    mounted.mkdir()
+    (mounted / "user-info").write_text("spout:s3cret\n")
+    (mounted / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    env = {name: value.replace(secret.mount_path, str(mounted))
+           for name, value in raw["transform"]["env"].items()}
+    env["PACHD_ADDRESS"], env["OUTPUT_REPO"] = "grpc://pachd:30650", "default/orders"
+    config = spout.Config.from_sources(env)
+    assert (config.decode, config.format, config.schema_registry_user_info) == \
+        (("key", "value"), "json", "spout:s3cret")
+    assert config.schema_registry_ssl_ca_location == str(mounted / "ca.pem")

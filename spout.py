@@ -4,7 +4,8 @@
 Each batch of messages becomes one commit: on Pachyderm 2.x one made through pachd's API, its
 description recording where every partition resumes; on 1.x one tar archive written to the
 named pipe /pfs/out. The layers below build on each other from the top of the file:
-configuration, naming, encoding, delivery, the consume loop, and main().
+configuration, naming, decoding (DECODE: Schema Registry values to documents), encoding,
+delivery, the consume loop, and main().
 """
 
 from __future__ import annotations

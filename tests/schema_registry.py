@@ -69,13 +69,16 @@ class Apicurio:
 
 
 class RegistryProxy:
-    """GETs forwarded to the registry; basic auth enforced when user_info is set."""
+    """GETs forwarded to the registry; basic auth enforced when user_info is set; HTTPS when
+    given a PEM file holding its key and certificate chain."""
 
-    def __init__(self, upstream: str, port: int, user_info: str | None = None):
+    def __init__(self, upstream: str, port: int, user_info: str | None = None,
+                 certfile: Path | None = None):
         self.upstream = upstream.rstrip("/")
         self.port = port
-        self.url = f"http://127.0.0.1:{port}{API}"
+        self.url = f"{'https' if certfile else 'http'}://127.0.0.1:{port}{API}"
         self.user_info = user_info
+        self.certfile = certfile
         self.requests: list[str] = []
         self._server = None
         self._lock = threading.Lock()
@@ -114,6 +117,11 @@ class RegistryProxy:
             allow_reuse_address = True
 
         self._server = Server(("127.0.0.1", self.port), Handler)
+        if self.certfile is not None:
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.certfile)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 

@@ -437,20 +437,24 @@ def test_registry_refusing_the_credentials_is_one_line_and_exit_2(
 
 def test_registry_outage_mid_batch_waits_and_writes_nothing_undecoded(
         broker, registry, proxy, pachd, tmp_path, spouts):
+    """Through HTTPS with basic auth, as a production registry is reached."""
     from confluent_kafka.schema_registry.avro import AvroSerializer
+    from kafka_broker import TestCA
     topic = create_topic(broker, 1)
     registry_client = client(registry)
     known = AvroSerializer(registry_client, '"string"')
     later = AvroSerializer(registry_client, json.dumps(
         {"type": "record", "name": "Later", "fields": [{"name": "n", "type": "int"}]}),
         conf={"auto.register.schemas": True, "subject.name.strategy": lambda *_: f"{topic}-2"})
-    front = proxy(user_info="spout:right-password")
+    certificates = TestCA(tmp_path)
+    front = proxy(user_info="spout:right-password", certfile=certificates.keystore)
     secret = tmp_path / "user-info"
     secret.write_text("spout:right-password\n")
     port = free_port()
     process = spouts(pfs_env(broker, topic, pachd, tmp_path, DECODE="value", FORMAT="json",
                              SCHEMA_REGISTRY_URL=front.url, BATCH_MAX_SECONDS="0.5",
                              SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE=secret,
+                             SCHEMA_REGISTRY_SSL_CA_LOCATION=certificates.ca_file,
                              **metrics_env(port)))
     produce(broker, topic, [(0, None, known("before", context(topic)))])
     run_until(process, pachd, 1, "the first message")
@@ -461,7 +465,7 @@ def test_registry_outage_mid_batch_waits_and_writes_nothing_undecoded(
                             (0, None, known("after", context(topic)))])
     body = wait_until(lambda: unhealthy(port, process, "Schema Registry"), 30,
                       "/healthz naming the registry", interval=0.2)
-    assert any(f"127.0.0.1:{front.port}" in reason for reason in body["reasons"])
+    assert any(f"https://127.0.0.1:{front.port}" in reason for reason in body["reasons"])
     assert len(files_of(pachd)) == 1      # the poll waits whole: nothing written undecoded
     front.start()
     files = run_until(process, pachd, 4, "the held poll, decoded")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import os
 import subprocess
 import threading
@@ -69,16 +70,18 @@ class Apicurio:
 
 
 class RegistryProxy:
-    """GETs forwarded to the registry; basic auth enforced when user_info is set; HTTPS when
-    given a PEM file holding its key and certificate chain."""
+    """GETs forwarded to the registry; basic auth enforced when user_info is set (anything
+    else is answered `refusal`: 401, or 403 as registries answer a known user without the
+    right); HTTPS when given a PEM file holding its key and certificate chain."""
 
     def __init__(self, upstream: str, port: int, user_info: str | None = None,
-                 certfile: Path | None = None):
+                 certfile: Path | None = None, refusal: int = 401):
         self.upstream = upstream.rstrip("/")
         self.port = port
         self.url = f"{'https' if certfile else 'http'}://127.0.0.1:{port}{API}"
         self.user_info = user_info
         self.certfile = certfile
+        self.refusal = refusal
         self.requests: list[str] = []
         self._server = None
         self._lock = threading.Lock()
@@ -93,7 +96,10 @@ class RegistryProxy:
                 if proxy.user_info is not None:
                     expected = "Basic " + base64.b64encode(proxy.user_info.encode()).decode()
                     if self.headers.get("Authorization") != expected:
-                        self._answer(401, b'{"error_code": 40101, "message": "Unauthorized"}')
+                        message = "Unauthorized" if proxy.refusal == 401 else "Forbidden"
+                        self._answer(proxy.refusal, json.dumps({
+                            "error_code": proxy.refusal * 100 + 1,
+                            "message": message}).encode())
                         return
                 path = self.path[len(API):] if self.path.startswith(API) else self.path
                 try:

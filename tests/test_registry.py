@@ -410,14 +410,14 @@ def test_json_schema_raw_meta_then_fail_stops_at_the_bad_record(broker, registry
 
 # -- The registry refuses the spout; the registry goes away mid-batch
 
-@pytest.mark.parametrize("kind", ["basic", "bearer"])
+@pytest.mark.parametrize("kind, refusal", [("basic", 401), ("bearer", 403)])
 def test_registry_refusing_the_credentials_is_one_line_and_exit_2(
-        broker, registry, proxy, pachd, tmp_path, spouts, kind):
+        broker, registry, proxy, pachd, tmp_path, spouts, kind, refusal):
     from confluent_kafka.schema_registry.avro import AvroSerializer
     topic = create_topic(broker, 1)
     data = AvroSerializer(client(registry), '"string"')("hello", context(topic))
     produce(broker, topic, [(0, None, data)])
-    front = proxy(user_info="spout:right-password")
+    front = proxy(user_info="spout:right-password", refusal=refusal)
     secret = tmp_path / "secret"
     if kind == "basic":
         secret.write_text("spout:wrong-password\n")
@@ -430,7 +430,7 @@ def test_registry_refusing_the_credentials_is_one_line_and_exit_2(
     assert process.wait(30) == 2, process.log
     errors = [line for line in process.log.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith(f"spout.py: error: {setting}: ")
-    assert "answered 401" in errors[0] and "Traceback" not in process.log
+    assert f"answered {refusal}" in errors[0] and "Traceback" not in process.log
     assert "wrong-password" not in process.log
     assert len(pachd.commits(PACH_REPO)) == 1    # pachd's own first commit only
 

@@ -1426,6 +1426,11 @@ class Delivery:
         """Whether Pachyderm has yet to read part of what was sent to it (the loop's thread)."""
         return False
 
+    def all_held(self) -> bool:
+        """Whether Pachyderm holds every batch sent and held() has returned them all (the
+        loop's thread). Until then the consumer's position is no delivered point."""
+        return False
+
 
 class PipeDelivery(Delivery):
     """Pachyderm 1.x: tar archives through the named pipe, the marker in every one."""
@@ -1480,6 +1485,11 @@ class PipeDelivery(Delivery):
         # The newest archive stays in flight after the reader has read it all (nothing tells
         # when its commit ends): bytes still unread are what waits.
         return bool(self.archives.in_flight) and self.archives.pipe.unread() > 0
+
+    def all_held(self) -> bool:
+        # The newest archive is held only once the reader moves on to the next one (or at
+        # exit), so while the spout runs this is rarely true after an archive.
+        return not self.archives.in_flight and not self.archives.delivered
 
 
 # A value is sent in pieces well under the 20 MB that pachd and the SDK accept per message.
@@ -1760,6 +1770,11 @@ class PfsDelivery(Delivery):
         delivered, self.delivered = self.delivered, []
         return delivered
 
+    def all_held(self) -> bool:
+        # send() returns only once FinishCommit went through; a commit it left unsettled
+        # (stopped mid-way) holds a batch that is not delivered.
+        return not self.delivered and self.unsettled is None
+
     def unreachable(self) -> tuple[float, str] | None:
         since = self.unreachable_since
         return None if since is None else (since, f"pachd at {self.address} is unreachable")
@@ -1872,6 +1887,9 @@ class Spout:
         self.batch = Batch()
         self.stats = Stats()
         self.uncommitted: dict = {}
+        # TopicPartition -> the next offset such that Pachyderm holds every record before it
+        # that read_committed returns: what the group's offset may move to.
+        self.delivered: dict = {}
         self.next_commit = 0.0
         self.connected = True
         self.assigned: set = set()
@@ -1963,14 +1981,26 @@ class Spout:
         try:
             for tp in self.consumer.assignment():
                 highwater = self.consumer.highwater(tp)
-                # position() may ask the coordinator or reset; the fetch position is local.
-                position = self.consumer._subscription.assignment[tp].position
+                position = self.fetch_position(tp)
                 if highwater is not None and position is not None:
-                    total += max(highwater - position.offset, 0)
+                    total += max(highwater - position, 0)
                     known = True
         except Exception:  # the assignment changed under us: no figure this time
             return None
         return total if known else None
+
+    def fetch_position(self, tp, fetchable: bool = False) -> int | None:
+        """The next offset the consumer reads of a partition: past every record poll() has
+        returned and every one read_committed skipped (transaction markers, aborted
+        transactions), never past one still to return. None while unknown, or, if fetchable,
+        while paused, awaiting a reset, validation or revocation.
+
+        position() may ask the coordinator or reset; kafka-python's local state does not.
+        """
+        state = self.consumer._subscription.assignment.get(tp)
+        if state is None or state.position is None or (fetchable and not state.is_fetchable()):
+            return None
+        return state.position.offset
 
     def connect(self) -> bool:
         """Creates the consumer, retrying with back-off while the broker is unreachable."""
@@ -2080,6 +2110,8 @@ class Spout:
         for tp, offset in self.batch.drop(revoked).items():
             self.consumer.seek(tp, offset)
         self.unresolved -= revoked
+        for tp in revoked:
+            self.delivered.pop(tp, None)
         self.monitor.forget(revoked)
 
     def on_assigned(self, assigned: set) -> None:
@@ -2108,10 +2140,38 @@ class Spout:
         self.consumer.resume(*(self.unresolved & owned))
         self.unresolved.clear()
 
+    def adopt_consumer_positions(self) -> None:
+        """Once Pachyderm holds everything polled, the consumer's position is the delivered
+        point: past transaction markers and aborted records, which no batch carries. So the
+        group's offsets, the lag and the next commit's record reach the end of an idle
+        transactional topic, and nothing is written to Pachyderm for it: its record may
+        trail by markers until the next batch.
+
+        Only partitions this spout owns and can fetch: one paused until resolve_assigned(),
+        or awaiting its committed offset after an assignment, has a stale position or none.
+        """
+        if self.batch.records or self.abandoned or not self.delivery.all_held():
+            return
+        moved = {}
+        try:
+            for tp in self.consumer.assignment():
+                position = None if tp in self.unresolved else self.fetch_position(tp, True)
+                if position is not None and position > self.delivered.get(tp, -1):
+                    moved[tp] = position
+        except Exception:  # the assignment changed under us: next time
+            return
+        if moved:
+            self.delivered.update(moved)
+            self.positions.update(moved)
+            self.uncommitted.update(moved)
+            self.monitor.caught_up(moved)
+
     def commit(self, timeout_ms: int = 2000, final: bool = False) -> None:
         for outgoing in self.delivery.held():
             self.uncommitted.update(outgoing.commit)
+            self.delivered.update(outgoing.commit)
             self.monitor.held(outgoing)
+        self.adopt_consumer_positions()
         if not self.uncommitted or (time.monotonic() < self.next_commit and not final):
             return
         if not self.config.exactly_once:
@@ -2362,6 +2422,7 @@ class Spout:
             self.flush(deadline)
             for outgoing in self.delivery.drain(deadline):
                 self.uncommitted.update(outgoing.commit)
+                self.delivered.update(outgoing.commit)
                 self.monitor.held(outgoing)
         except Stopped:
             log.warning("Pachyderm did not take the last batch in time; its messages stay "
@@ -2401,6 +2462,10 @@ class Monitor:
 
     def held(self, outgoing: Outgoing) -> None:
         """Pachyderm holds this batch now."""
+
+    def caught_up(self, offsets: dict) -> None:
+        """Pachyderm holds all that precedes these offsets that Kafka gives (what lies
+        between is transaction markers and aborted records)."""
 
     def kafka_reachable(self, reachable: bool) -> None:
         """Whether the consumer could reach a broker, as last found out."""
@@ -2530,6 +2595,10 @@ class MetricsMonitor(Monitor):
         self.batch_bytes.observe(batch.data_bytes)
         self.count_redeliveries()
 
+    def caught_up(self, offsets: dict) -> None:
+        self.delivered.update(offsets)
+        self.next_refresh = 0.0
+
     def kafka_reachable(self, reachable: bool) -> None:
         if reachable:
             self.kafka_down_since = None
@@ -2543,8 +2612,11 @@ class MetricsMonitor(Monitor):
 
     def refresh(self) -> None:
         """Lag and delivered offsets of every partition owned, and whether messages wait:
-        in Kafka still, in the batch, or sent and not yet read. Not the newest 1.x archive
-        once read: it is held only when the next one is read, and an idle topic is no stall."""
+        in Kafka still (the high watermark past the consumer's position), in the batch, or
+        sent and not yet read. Not the newest 1.x archive once read: it is held only when the
+        next one is read, and an idle topic is no stall. Nor are a transactional topic's
+        trailing markers and aborted records, which the position passes. An open transaction
+        is: kafka-python keeps no last stable offset, so its records count as waiting."""
         now = time.monotonic()
         if now < self.next_refresh:
             return
@@ -2565,7 +2637,12 @@ class MetricsMonitor(Monitor):
             self.delivered_offset.labels(*labels).set(delivered)
             if highwater is not None:
                 self.lag.labels(*labels).set(max(highwater - delivered, 0))
-                waiting = waiting or highwater > self.polled_to.get(tp, delivered)
+                # The consumer's position, not the last record polled: what lies between
+                # (transaction markers, aborted records) is nothing to wait for.
+                read_to = spout.fetch_position(tp)
+                if read_to is None:
+                    read_to = self.polled_to.get(tp, delivered)
+                waiting = waiting or highwater > read_to
             self.exported.add(tp)
         for tp in self.exported - owned:
             self.exported.discard(tp)

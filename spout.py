@@ -4,7 +4,19 @@
 Each batch of messages becomes one commit: on Pachyderm 2.x one made through pachd's API, its
 description recording where every partition resumes; on 1.x one tar archive written to the
 named pipe /pfs/out. The layers below build on each other from the top of the file:
-configuration, naming, encoding, delivery, the consume loop, and main().
+
+  configuration  Config (frozen; every setting and its validation), parse_*, check_*
+  naming         NameTemplate: a file's name from {topic} {partition} {offset} ...
+  encoding       no I/O: tar archives, the marker and commit record, ModifyFile requests,
+                 the message shapes of FORMAT (json, raw+meta)
+  delivery       Delivery, one per Pachyderm generation: PipeDelivery (1.x, the pipe),
+                 PfsDelivery (2.x, commits through pachd); the loop never knows which
+  batching       records in, files out: Batch, Rotation (when a batch closes), and a Batcher
+                 per kind of file: MessageFiles (one file per message)
+  the loop       Spout: the Kafka session (assign or subscribe, rebalances, offset
+                 commits) and the loop polling, batching, delivering, then committing
+  metrics        MetricsMonitor: /metrics and /healthz
+  main()         logging, signals, exit statuses
 """
 
 from __future__ import annotations
@@ -1790,10 +1802,15 @@ def make_delivery(config: Config, stop: threading.Event) -> Delivery:
     return PfsDelivery(config, stop) if config.delivery == "pfs" else PipeDelivery(config, stop)
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- batching
+# Records in, files out. The loop hands every polled list to a Batcher and gets each closed
+# batch back through ship(); a Batcher decides what a file is (one per message here, one per
+# partition and batch for segments) and, through its Rotation, when a batch closes. Kafka
+# Connect keeps TopicPartitionWriter (grouping, rotation), the format's RecordWriter and the
+# offset commit apart in the same way; the offset commit stays with the loop.
 
 class Batch:
-    """Messages waiting to become one archive."""
+    """Messages waiting to become one archive or commit."""
 
     def __init__(self):
         self.members: list[tuple[str, bytes, int]] = []
@@ -1818,6 +1835,155 @@ class Batch:
         self.records = len(self.members) if self.offsets else 0
         return dropped
 
+
+class Rotation(NamedTuple):
+    """When a batch closes: at this many messages, bytes of message data, or seconds after
+    its first message, whichever comes first."""
+    max_messages: int
+    max_bytes: int
+    max_seconds: float
+
+    def due_in(self, batch: Batch) -> float:
+        if not batch.records:
+            return self.max_seconds
+        return batch.started + self.max_seconds - time.monotonic()
+
+
+class Batcher:
+    """Turns polled records into closed batches of files, handing each to ship()."""
+
+    def __init__(self, config: Config, stats: Stats, ship: Callable[[], None]):
+        self.rotation = Rotation(config.batch_max_messages, config.batch_max_bytes,
+                                 config.batch_max_seconds)
+        self.names = NameTemplate(config.name_template)
+        self.keep_tombstones = config.tombstones == "keep"
+        self.stats = stats
+        self.ship = ship
+        self.batch = Batch()
+
+    def add(self, records: Mapping) -> None:
+        """Batches one poll's records, shipping a batch whenever the rotation closes one."""
+        raise NotImplementedError
+
+    def take(self) -> Batch:
+        """The open batch, closed, its files made; a new one opens."""
+        batch, self.batch = self.batch, Batch()
+        return batch
+
+    def drop(self, partitions: set) -> dict:
+        """Forgets the open batch's messages of these partitions (a rebalance took them);
+        returns where each one's began."""
+        return self.batch.drop(partitions)
+
+    def due_in(self) -> float:
+        return self.rotation.due_in(self.batch)
+
+
+class MessageFiles(Batcher):
+    """One file per message (FORMAT raw, json, raw+meta), named by NAME_TEMPLATE."""
+
+    def __init__(self, config: Config, stats: Stats, ship: Callable[[], None]):
+        super().__init__(config, stats, ship)
+        self.shape = FORMATS[config.format]
+
+    def add(self, records: Mapping) -> None:
+        """The hot path. A partition's polled list goes in whole, or in as few pieces as the
+        message limit makes, with names, sizes and offsets handled per piece; message by
+        message only where a piece would reach the byte limit, holds a tombstone, or the
+        format is not raw.
+        """
+        limit_messages = self.rotation.max_messages
+        limit_bytes = self.rotation.max_bytes
+        raw = self.shape is None
+        for tp, messages in records.items():
+            start, total = 0, len(messages)
+            while start < total:
+                room = max(limit_messages - self.batch.records, 1)
+                piece = messages if start == 0 and total <= room else \
+                    messages[start:start + room]
+                start += len(piece)
+                if raw:
+                    values = list(map(_VALUE, piece))
+                    try:
+                        size = sum(map(len, values))
+                    except TypeError:  # a tombstone (None) among them
+                        size = limit_bytes
+                    if self.batch.data_bytes + size < limit_bytes:
+                        self._add_piece(tp, piece, values, size)
+                        continue
+                self._add_each(tp, piece)
+
+    def _add_piece(self, tp, piece: Sequence, values: list, size: int) -> None:
+        """Raw values that fit the batch whole, with no tombstone among them."""
+        batch = self.batch
+        if not batch.records:
+            batch.started = time.monotonic()
+        if tp not in batch.offsets:
+            batch.first_offsets[tp] = piece[0].offset
+        batch.offsets[tp] = piece[-1].offset + 1
+        count = len(piece)
+        batch.records += count
+        batch.data_bytes += size
+        names = self.names.render_list(tp.topic, tp.partition, piece)
+        timestamps = list(map(_TIMESTAMP, piece))
+        if min(timestamps) >= 0:
+            mtimes = map(operator.floordiv, timestamps, itertools.repeat(1000))
+        else:  # -1: the message has no timestamp
+            mtimes = (max(timestamp, 0) // 1000 for timestamp in timestamps)
+        batch.members.extend(zip(names, values, mtimes))
+        batch.partitions.extend(itertools.repeat(tp, count))
+        if batch.records >= self.rotation.max_messages or \
+                batch.data_bytes >= self.rotation.max_bytes:
+            self.ship()
+
+    def _add_each(self, tp, messages: Sequence) -> None:
+        """One message at a time: the byte limit may fall inside, tombstones, other formats."""
+        render = self.names.render
+        limit_bytes = self.rotation.max_bytes
+        limit_messages = self.rotation.max_messages
+        shape = self.shape
+        keep_tombstones = self.keep_tombstones
+        topic, partition = tp.topic, tp.partition
+        batch = self.batch
+        for record in messages:
+            value, offset = record.value, record.offset
+            if value is not None and batch.members and \
+                    batch.data_bytes + len(value) > limit_bytes:
+                self.ship()  # a message over the limit travels alone
+                batch = self.batch
+            if not batch.records:
+                batch.started = time.monotonic()
+            if tp not in batch.offsets:
+                batch.first_offsets[tp] = offset
+            batch.records += 1
+            batch.offsets[tp] = offset + 1
+            if value is None:
+                self.stats.tombstones += 1
+            if shape is None:
+                if value is not None:
+                    timestamp = record.timestamp
+                    batch.members.append((render(topic, partition, offset, record.key,
+                                                 timestamp), value,
+                                          max(timestamp, 0) // 1000))
+                    batch.partitions.append(tp)
+                    batch.data_bytes += len(value)
+            elif value is not None or keep_tombstones:
+                timestamp = record.timestamp
+                name = render(topic, partition, offset, record.key, timestamp)
+                for member in shape(name, record, max(timestamp, 0) // 1000):
+                    batch.members.append(member)
+                    batch.partitions.append(tp)
+                    batch.data_bytes += len(member[1])
+            if batch.records >= limit_messages or batch.data_bytes >= limit_bytes:
+                self.ship()
+                batch = self.batch
+
+
+def make_batcher(config: Config, stats: Stats, ship: Callable[[], None]) -> Batcher:
+    return MessageFiles(config, stats, ship)
+
+
+# --------------------------------------------------------------------------- the loop
 
 class Stats:
     def __init__(self):
@@ -1866,11 +2032,10 @@ class Spout:
         self.unresolved: set = set()
         self.topics = config.topics  # those consumed now: TOPIC, or TOPIC_PATTERN's matches
         self.stop = stop
-        self.names = NameTemplate(config.name_template)
         self.delivery = delivery or make_delivery(config, stop)
         self.abandoned = False   # a batch was given up: nothing after it may be delivered
-        self.batch = Batch()
         self.stats = Stats()
+        self.batcher = make_batcher(config, self.stats, self.flush)
         self.uncommitted: dict = {}
         self.next_commit = 0.0
         self.connected = True
@@ -2077,7 +2242,7 @@ class Spout:
         """
         if revoked:
             log.info("revoked %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
-        for tp, offset in self.batch.drop(revoked).items():
+        for tp, offset in self.batcher.drop(revoked).items():
             self.consumer.seek(tp, offset)
         self.unresolved -= revoked
         self.monitor.forget(revoked)
@@ -2151,101 +2316,16 @@ class Spout:
                             self.config.broker_address)
 
     # -- batching
+    @property
+    def batch(self) -> Batch:
+        """The open batch."""
+        return self.batcher.batch
+
     def add(self, records: Mapping) -> None:
-        """Batches polled records, closing an archive at either limit. The hot path.
-
-        A partition's polled list goes in whole, or in as few pieces as the message limit
-        makes, with names, sizes and offsets handled per piece; message by message only where
-        a piece would reach the byte limit, holds a tombstone, or the format is not raw.
-        """
-        limit_messages = self.config.batch_max_messages
-        limit_bytes = self.config.batch_max_bytes
-        raw = FORMATS[self.config.format] is None
-        for tp, messages in records.items():
-            start, total = 0, len(messages)
-            while start < total:
-                room = max(limit_messages - self.batch.records, 1)
-                piece = messages if start == 0 and total <= room else \
-                    messages[start:start + room]
-                start += len(piece)
-                if raw:
-                    values = list(map(_VALUE, piece))
-                    try:
-                        size = sum(map(len, values))
-                    except TypeError:  # a tombstone (None) among them
-                        size = limit_bytes
-                    if self.batch.data_bytes + size < limit_bytes:
-                        self._add_piece(tp, piece, values, size)
-                        continue
-                self._add_each(tp, piece)
-
-    def _add_piece(self, tp, piece: Sequence, values: list, size: int) -> None:
-        """Raw values that fit the batch whole, with no tombstone among them."""
-        batch = self.batch
-        if not batch.records:
-            batch.started = time.monotonic()
-        if tp not in batch.offsets:
-            batch.first_offsets[tp] = piece[0].offset
-        batch.offsets[tp] = piece[-1].offset + 1
-        count = len(piece)
-        batch.records += count
-        batch.data_bytes += size
-        names = self.names.render_list(tp.topic, tp.partition, piece)
-        timestamps = list(map(_TIMESTAMP, piece))
-        if min(timestamps) >= 0:
-            mtimes = map(operator.floordiv, timestamps, itertools.repeat(1000))
-        else:  # -1: the message has no timestamp
-            mtimes = (max(timestamp, 0) // 1000 for timestamp in timestamps)
-        batch.members.extend(zip(names, values, mtimes))
-        batch.partitions.extend(itertools.repeat(tp, count))
-        if batch.records >= self.config.batch_max_messages or \
-                batch.data_bytes >= self.config.batch_max_bytes:
-            self.flush()
-
-    def _add_each(self, tp, messages: Sequence) -> None:
-        """One message at a time: the byte limit may fall inside, tombstones, other formats."""
-        render = self.names.render
-        limit_bytes = self.config.batch_max_bytes
-        limit_messages = self.config.batch_max_messages
-        shape = FORMATS[self.config.format]
-        keep_tombstones = self.config.tombstones == "keep"
-        topic, partition = tp.topic, tp.partition
-        batch = self.batch
-        for record in messages:
-            value, offset = record.value, record.offset
-            if value is not None and batch.members and \
-                    batch.data_bytes + len(value) > limit_bytes:
-                self.flush()  # a message over the limit travels alone
-                batch = self.batch
-            if not batch.records:
-                batch.started = time.monotonic()
-            if tp not in batch.offsets:
-                batch.first_offsets[tp] = offset
-            batch.records += 1
-            batch.offsets[tp] = offset + 1
-            if value is None:
-                self.stats.tombstones += 1
-            if shape is None:
-                if value is not None:
-                    timestamp = record.timestamp
-                    batch.members.append((render(topic, partition, offset, record.key,
-                                                 timestamp), value,
-                                          max(timestamp, 0) // 1000))
-                    batch.partitions.append(tp)
-                    batch.data_bytes += len(value)
-            elif value is not None or keep_tombstones:
-                timestamp = record.timestamp
-                name = render(topic, partition, offset, record.key, timestamp)
-                for member in shape(name, record, max(timestamp, 0) // 1000):
-                    batch.members.append(member)
-                    batch.partitions.append(tp)
-                    batch.data_bytes += len(member[1])
-            if batch.records >= limit_messages or batch.data_bytes >= limit_bytes:
-                self.flush()
-                batch = self.batch
+        self.batcher.add(records)
 
     def flush(self, deadline: float | None = None) -> None:
-        batch, self.batch = self.batch, Batch()
+        batch = self.batcher.take()
         if not batch.records:
             return
         if self.abandoned:
@@ -2270,9 +2350,7 @@ class Spout:
                                          for tp, offset in batch.offsets.items()})
 
     def batch_due_in(self) -> float:
-        if not self.batch.records:
-            return self.config.batch_max_seconds
-        return self.batch.started + self.config.batch_max_seconds - time.monotonic()
+        return self.batcher.due_in()
 
     # -- the loop
     def run(self) -> int:

@@ -285,3 +285,55 @@ def test_parquet_through_pachd_hive_folders_read_by_pyarrow_and_duckdb(broker, p
     # Hive-style folders become columns: DuckDB takes date= for a DATE.
     assert {(str(date), str(hour)) for *_, date, hour in through_duckdb} == {
         ("2024-11-24", "09"), ("2024-11-24", "10"), ("2024-11-24", "11")}
+
+
+def commit_group_offsets(bootstrap: str, group: str, topic: str, offsets: dict) -> None:
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                             enable_auto_commit=False)
+    try:
+        consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1)
+                         for p, o in offsets.items()})
+    finally:
+        consumer.close(autocommit=False)
+
+
+def test_group_mode_replay_rewrites_the_file_of_its_first_offset(broker, fifo, spouts,
+                                                                 readers):
+    """What the README says a 1.x group-mode replay does: the replayed batch's segment
+    replaces the file named by its first offset; files of later offsets written before stay,
+    so their messages are then in two files. Nothing is lost."""
+    from conftest import committed_offsets
+    topic = create_topic(broker, 3)
+    produce_rich(broker, topic, [(i % 3, None, b"m-%d" % i, [], TS) for i in range(90)])
+    reader = readers(fifo, overwrite=True)  # "overwrite": true, as group mode's spec has
+
+    def rows_by_file():
+        return {path: [row["offset"] for row in segment_rows(path, data)]
+                for path, data in reader.snapshot().items()}
+    env = spout_env(broker, topic, fifo, FORMAT="jsonl", BATCH_MAX_MESSAGES=10)
+    first = spouts(env)
+    wait_until(lambda: sum(map(len, rows_by_file().values())) >= 90, 60, "every message",
+               interval=0.2)
+    assert first.stop() == 0, first.log
+    assert committed_offsets(broker, f"g-{topic}", topic) == {0: 30, 1: 30, 2: 30}
+    before = rows_by_file()
+    assert sum(map(len, before.values())) == 90 and len(before) >= 9
+    # The group's offsets fall behind what Pachyderm holds (a crash before the group commit
+    # does this); the next spout replays from there, in larger batches.
+    commit_group_offsets(broker, f"g-{topic}", topic, {0: 0, 1: 0, 2: 0})
+    second = spouts({**env, "BATCH_MAX_MESSAGES": "1000", "BATCH_MAX_SECONDS": "1"})
+    firsts = {p: f"/{topic}/{p}/{0:020d}.jsonl" for p in range(3)}
+    wait_until(lambda: all(len(rows_by_file().get(path, ())) == 30 for path in firsts.values()),
+               60, "the replay", interval=0.2)
+    assert second.stop() == 0, second.log
+    after = rows_by_file()
+    for p, path in firsts.items():
+        assert after[path] == list(range(30))   # replaced by the replayed batch's segment
+    for path, offsets in before.items():
+        if path not in firsts.values():
+            assert after[path] == offsets       # left as they were: now held twice
+    doubled = sum(len(offsets) for path, offsets in before.items()
+                  if path not in firsts.values())
+    assert sum(map(len, after.values())) == 90 + doubled and doubled > 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import signal
-import threading
 from pathlib import Path
 
 import pytest

@@ -1108,30 +1108,44 @@ FORMATS: dict[str, Callable | None] = {"raw": None, "json": as_json_file,
 # JSON strings as json.dumps(..., ensure_ascii=False) writes them (the C encoder, where built).
 _json_string = json.encoder.encode_basestring
 _KEY = operator.attrgetter("key")
+_TIMESTAMP_TYPE_TEXT = {number: '"%s"' % name for number, name in TIMESTAMP_TYPES.items()}
 
 
 def _json_bytes_text(data: bytes | None) -> str:
     """json_bytes(data) as JSON text."""
     if data is None:
         return "null"
+    if data.isascii():  # most text: no exception to risk
+        return _json_string(data.decode("ascii"))
     try:
         return _json_string(data.decode("utf-8"))
     except UnicodeDecodeError:
         return '{"base64": "%s"}' % base64.b64encode(data).decode("ascii")
 
 
-def json_line(record) -> str:
-    """FORMAT=jsonl: the FORMAT=json document of a message and '\\n', the same text as
-    json.dumps(document, ensure_ascii=False) but made directly, at a third of the cost."""
-    headers = ", ".join("[%s, %s]" % (_json_string(name), _json_bytes_text(value))
-                        for name, value in record.headers) if record.headers else ""
-    timestamp_type = TIMESTAMP_TYPES.get(record.timestamp_type)
-    return ('{"topic": %s, "partition": %d, "offset": %d, "timestamp": %s, '
-            '"timestamp_type": %s, "key": %s, "headers": [%s], "value": %s}\n') % (
-        _json_string(record.topic), record.partition, record.offset,
-        "null" if record.timestamp is None else "%d" % record.timestamp,
-        "null" if timestamp_type is None else '"%s"' % timestamp_type,
-        _json_bytes_text(record.key), headers, _json_bytes_text(record.value))
+def json_lines(records: Iterable) -> str:
+    """FORMAT=jsonl: the FORMAT=json document of each message, one a line, each ending in
+    '\n': the same text as json.dumps(document, ensure_ascii=False), made directly at a
+    fraction of its cost (tests/test_segments.py compares the two)."""
+    lines = []
+    append, text, types = lines.append, _json_bytes_text, _TIMESTAMP_TYPE_TEXT
+    head = ""
+    topic_partition = None
+    for record in records:
+        if (record.topic, record.partition) != topic_partition:
+            topic_partition = record.topic, record.partition
+            head = '{"topic": %s, "partition": %d, "offset": ' % (
+                _json_string(record.topic), record.partition)
+        headers = record.headers
+        append('%s%d, "timestamp": %s, "timestamp_type": %s, "key": %s, "headers": [%s], '
+               '"value": %s}\n' % (
+                   head, record.offset,
+                   "null" if record.timestamp is None else "%d" % record.timestamp,
+                   types.get(record.timestamp_type, "null"), text(record.key),
+                   ", ".join("[%s, %s]" % (_json_string(name), text(value))
+                             for name, value in headers) if headers else "",
+                   text(record.value)))
+    return "".join(lines)
 
 
 class JsonLinesWriter:
@@ -1141,7 +1155,7 @@ class JsonLinesWriter:
         pass
 
     def encode(self, records: Sequence) -> bytes:
-        return "".join(map(json_line, records)).encode()
+        return json_lines(records).encode()
 
 
 class ParquetWriter:

@@ -91,7 +91,8 @@ def test_a_jsonl_line_is_the_json_format_document():
     for record in records:
         document = spout.record_metadata(record)
         document["value"] = spout.json_bytes(record.value)
-        assert spout.json_line(record) == json.dumps(document, ensure_ascii=False) + "\n"
+        assert spout.json_lines([record]) == json.dumps(document, ensure_ascii=False) + "\n"
+    assert spout.json_lines(records) == "".join(map(spout.json_lines, ([r] for r in records)))
 
 
 def batcher(**settings):

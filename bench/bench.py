@@ -377,7 +377,7 @@ def spout_pipe(bootstrap: str, topic: str, count: int, group: bool = False,
                                   stdout=subprocess.PIPE, text=True)
         settings = dict(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, OUTPUT_PIPE=fifo,
                         LOG_LEVEL="WARNING", GROUP_ID=f"bench-{os.getpid()}-{time.time()}",
-                        **segment_settings(format))
+                        **segment_settings(format, count))
         if not group:
             settings["MARKER"] = "offsets"
         process = subprocess.Popen([sys.executable, str(script or SPOUT_SCRIPT)],
@@ -407,10 +407,13 @@ def spout_pipe(bootstrap: str, topic: str, count: int, group: bool = False,
     return {"msg_per_s": counted / seconds, "cpu_us_per_msg": used / counted * 1e6}
 
 
-def segment_settings(format: str | None) -> dict:
+def segment_settings(format: str | None, count: int) -> dict:
     """The spout's settings for a segment row: the format, with the segment defaults but
-    for BATCH_MAX_SECONDS, which would hold a topic's last, partial batch for a minute."""
-    return {"FORMAT": format, "BATCH_MAX_SECONDS": "2"} if format else {}
+    for BATCH_MAX_SECONDS, which would hold a topic's last, partial batch for a minute, and
+    at least 3 batches of messages (the first is not timed): 100,000 messages (the default)
+    in a full run at 200 B."""
+    return {"FORMAT": format, "BATCH_MAX_SECONDS": "2",
+            "BATCH_MAX_MESSAGES": str(min(100_000, count // 3))} if format else {}
 
 
 # The pachd double is a Python gRPC server and bounds the 2.x row's rate long before Kafka
@@ -444,7 +447,7 @@ def spout_pachd(bootstrap: str, topic: str, count: int, group: bool = False,
                         OUTPUT_REPO="default/bench", LOG_LEVEL="WARNING",
                         MODE="group" if group else "exactly-once",
                         GROUP_ID=f"bench-{os.getpid()}-{time.time()}",
-                        **segment_settings(format))
+                        **segment_settings(format, count))
         process = subprocess.Popen([sys.executable, str(script or SPOUT_SCRIPT)],
                                    env=bench_env(**settings))
         try:

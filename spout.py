@@ -419,7 +419,8 @@ class Config:
         segments = values["format"] in SEGMENT_FORMATS
         if segments:
             values["name_template"] = segment_template(
-                values.get("name_template"), values["format"], sources["name_template"])
+                values.get("name_template"), values["format"], sources["name_template"],
+                "topic_pattern" in values or len(values.get("topics", ())) > 1)
             for field, default in SEGMENT_BATCH_DEFAULTS.items():
                 if field in defaulted:
                     values[field] = default
@@ -830,16 +831,25 @@ SEGMENT_FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}
 SEGMENT_TOKENS = ("topic", "partition", "offset", "date", "hour")
 
 
-def segment_template(template: str | None, format: str, source: str) -> str:
+def segment_template(template: str | None, format: str, source: str,
+                     several_topics: bool) -> str:
     """NAME_TEMPLATE for a segment format: the default with the format's extension, or the
-    user's template if it uses only SEGMENT_TOKENS ({offset} is then the file's first)."""
+    user's template if it uses only SEGMENT_TOKENS ({offset} is then the file's first) and
+    tells apart the files of one batch and of successive batches."""
     if template is None:
         return DEFAULT_NAME_TEMPLATE + SEGMENT_FORMATS[format]
-    per_message = sorted(NameTemplate(template).used - set(SEGMENT_TOKENS))
+    used = NameTemplate(template).used
+    per_message = sorted(used - set(SEGMENT_TOKENS))
     if per_message:
         raise ConfigError(source, f"{{{per_message[0]}}} differs from message to message, "
                           f"and FORMAT={format} writes many messages to one file; use "
                           f"{', '.join('{%s}' % token for token in SEGMENT_TOKENS)}")
+    needed = ("partition", "offset") + (("topic",) if several_topics else ())
+    missing = [token for token in needed if token not in used]
+    if missing:
+        raise ConfigError(source, f"needs {{{missing[0]}}} with FORMAT={format}: without it "
+                          "two segments (of two partitions, topics or batches) could get "
+                          "the same name")
     return template
 
 

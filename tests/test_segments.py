@@ -193,6 +193,17 @@ def test_per_message_tokens_are_refused_for_segments(fifo, token):
     assert result.stderr.startswith(f"spout.py: error: NAME_TEMPLATE: {token}"), result.stderr
 
 
+@pytest.mark.parametrize("template, topics, culprit", [
+    ("{topic}/{date}/{offset}.jsonl", "events", "{partition}"),
+    ("{topic}/{partition}/{hour}.jsonl", "events", "{offset}"),
+    ("{partition}/{offset}.jsonl", "events,more", "{topic}")])
+def test_segment_names_must_tell_segments_apart(fifo, template, topics, culprit):
+    with pytest.raises(spout.ConfigError, match=f"NAME_TEMPLATE: needs {culprit}"):
+        spout.Config.from_sources({"HOST": "kafka", "PORT": "9092", "TOPIC": topics,
+                                   "OUTPUT_PIPE": str(fifo), "FORMAT": "jsonl",
+                                   "NAME_TEMPLATE": template})
+
+
 def test_segment_defaults(fifo):
     base = {"HOST": "kafka", "PORT": "9092", "TOPIC": "events", "OUTPUT_PIPE": str(fifo)}
     config = spout.Config.from_sources({**base, "FORMAT": "jsonl"})

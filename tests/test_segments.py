@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,24 @@ def test_group_mode_replay_rewrites_the_file_of_its_first_offset(broker, fifo, s
     doubled = sum(len(offsets) for path, offsets in before.items()
                   if path not in firsts.values())
     assert sum(map(len, after.values())) == 90 + doubled and doubled > 0
+
+
+def test_metrics_count_the_messages_in_segments_not_the_files():
+    from kafka import TopicPartition
+    config = spout.Config(bootstrap_servers=("127.0.0.1:9",), topics=("t", "u"),
+                          format="jsonl", output_pipe="/nonexistent",
+                          name_template="{topic}/{partition}/{offset:020d}.jsonl")
+    instance = spout.Spout(config, threading.Event())
+    monitor = spout.MetricsMonitor(config, instance)
+    instance.add({TopicPartition("t", 0): [consumer_record(0, i, b"x") for i in range(5)],
+                  TopicPartition("u", 1): [consumer_record(1, 7, b"y", topic="u"),
+                                           consumer_record(1, 8, None, topic="u")]})
+    batch = instance.batcher.take()
+    monitor.held(spout.Outgoing(batch, ("t", "u"), dict(batch.offsets), dict(batch.offsets)))
+
+    def sample(name, **labels):
+        return monitor.registry.get_sample_value(name, labels)
+    assert (sample("kafka_spout_messages_total", topic="t"),
+            sample("kafka_spout_messages_total", topic="u")) == (5, 1)
+    assert sample("kafka_spout_batch_messages_sum") == 6
+    assert sample("kafka_spout_bytes_total", topic="t") == len(batch.members[0][1])

@@ -143,10 +143,10 @@ def parquet_delivery(tansu: Tansu, topic: str, work: Path) -> bool:
         pachd.create_repo("demo-parquet")
         config = write_pach_config(work / "pachctl-parquet.json", pachd.address, "demo-token")
         template = "{topic}/date={date}/hour={hour}/{partition}-{offset:020d}.parquet"
-        env = spout_env(tansu, topic, "demo-parquet", PACH_CONFIG=str(config),
-                        OUTPUT_PIPE=str(work / "no-pipe-in-2.x"), OUTPUT_REPO="demo-parquet",
-                        FORMAT="parquet", NAME_TEMPLATE=template, BATCH_MAX_MESSAGES="100000",
-                        BATCH_MAX_SECONDS="1")
+        env = {**spout_env(tansu, topic, "demo-parquet", PACH_CONFIG=str(config),
+                           OUTPUT_PIPE=str(work / "no-pipe-in-2.x"), OUTPUT_REPO="demo-parquet",
+                           FORMAT="parquet", NAME_TEMPLATE=template),
+               "BATCH_MAX_MESSAGES": "100000", "BATCH_MAX_SECONDS": "1"}
 
         def delivered() -> int:
             record = spout.record_from_description(pachd.head("demo-parquet").description)
@@ -167,10 +167,10 @@ def parquet_delivery(tansu: Tansu, topic: str, work: Path) -> bool:
             print(f"  {path}  ({len(files[path]):,} bytes)")
         glob = f"{target}/**/*.parquet"
         with duckdb.connect() as db:
-            count, = db.sql(f"SELECT count(*) FROM read_parquet('{glob}')").fetchone()
+            (count,), = db.sql(f"SELECT count(*) FROM read_parquet('{glob}')").fetchall()
             print(f"DuckDB: SELECT ... FROM read_parquet('{target.relative_to(ROOT)}/**/*.parquet',"
                   " hive_partitioning = true) ORDER BY \"offset\", partition LIMIT 4")
-            rows = db.sql(f"SELECT partition, \"offset\", timestamp, CAST(value AS VARCHAR), "
+            rows = db.sql(f"SELECT partition, \"offset\", timestamp, decode(value), "
                           f"date, hour FROM read_parquet('{glob}', hive_partitioning = true) "
                           "ORDER BY \"offset\", partition LIMIT 4").fetchall()
         for row in rows:

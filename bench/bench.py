@@ -211,7 +211,8 @@ def drain(fifo: str, expect: int = 0, ignore: str = "", by_marker: bool = False)
                 if expect and members < expect <= held:
                     print(f"done {time.perf_counter()}", flush=True)
                 members = held
-            elif header[156:157] == b"0" and (ignored is None or header[:100] != ignored):
+            elif not by_marker and header[156:157] == b"0" and (
+                    ignored is None or header[:100] != ignored):
                 members += 1
                 data_bytes += size
                 if expect and members == 1:

@@ -1178,9 +1178,6 @@ class ParquetWriter:
         import pyarrow
         import pyarrow.parquet
         self.pa, self.parquet = pyarrow, pyarrow.parquet
-        # malloc gives a batch's memory back once its files are made; pyarrow's default
-        # (mimalloc) keeps it, and peak memory then grows with every partition.
-        pyarrow.set_memory_pool(pyarrow.system_memory_pool())
         fix_malloc_mmap_threshold()
         self.compression = config.parquet_compression
         pa = pyarrow

@@ -65,7 +65,11 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS. Not getrusage's ru_maxrss, which Linux carries over from the
+    parent at fork: the bench's own process grows with the pachd double's commits."""
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return int(fields["VmHWM"].split()[0]) / 1024
 
 
 def records(size: int, count: int, per_poll: int = 500):

@@ -46,6 +46,9 @@ def run_with_kills(spouts, reader, env, expected: dict, kills: int, seed: int,
         time.sleep(rng.uniform(0, 0.4))  # a random moment to crash, not a synchronisation
         kill(spout)
         landed += 1
+        # The worker restarts user code after a back-off: by then its reader has committed
+        # every whole archive the dead spout wrote, and the marker says so.
+        wait_until(reader.settled, 30, "the reader to take what the killed spout wrote")
         spout = spouts(env)
     while delivered() < len(expected):
         restarts = reader.restarts
@@ -54,6 +57,7 @@ def run_with_kills(spouts, reader, env, expected: dict, kills: int, seed: int,
         if reader.restarts > restarts:  # the worker restarts the user code after a tar error
             kill(spout)
             spout = spouts(env)
+    wait_until(lambda: "starting:" in spout.log, 30, "the last spout to start")  # handlers set
     spout.signal(signal.SIGTERM)
     assert spout.wait(10) == 0, spout.log
     return landed

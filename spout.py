@@ -4,8 +4,22 @@
 Each batch of messages becomes one commit: on Pachyderm 2.x one made through pachd's API, its
 description recording where every partition resumes; on 1.x one tar archive written to the
 named pipe /pfs/out. The layers below build on each other from the top of the file:
-configuration, naming, decoding (DECODE: Schema Registry values to documents), encoding,
-delivery, the consume loop, and main().
+
+  configuration  Config (frozen; every setting and its validation), parse_*, check_*
+  naming         NameTemplate: a file's name from {topic} {partition} {offset} ...
+  decoding       DECODE: Confluent-framed values (Avro, Protobuf, JSON Schema) to documents
+                 through a Schema Registry; bad records and the registry's outages
+  encoding       no I/O: tar archives, the marker and commit record, ModifyFile requests,
+                 the message shapes of FORMAT (json, raw+meta)
+  delivery       Delivery, one per Pachyderm generation: PipeDelivery (1.x, the pipe),
+                 PfsDelivery (2.x, commits through pachd); the loop never knows which
+  batching       records in, files out: Batch, Rotation (when a batch closes), and a Batcher
+                 per kind of file: MessageFiles (one file per message), Segments (one per
+                 partition per batch, through JsonLinesWriter or ParquetWriter in encoding)
+  the loop       Spout: the Kafka session (assign or subscribe, rebalances, offset
+                 commits) and the loop polling, decoding, batching, delivering, then committing
+  metrics        MetricsMonitor: /metrics and /healthz
+  main()         logging, signals, exit statuses
 """
 
 from __future__ import annotations
@@ -270,10 +284,14 @@ SETTINGS: tuple[Setting, ...] = (
             "topic, or comma-separated topics (this or TOPIC_PATTERN is required)"),
     Setting("TOPIC_PATTERN", "topic_pattern", lambda text: parse_topic_pattern(text), None,
             "regular expression over whole topic names; new matches are picked up"),
-    Setting("FORMAT", "format", parse_choice("raw", "json", "raw+meta"), "raw",
-            "raw (the value), json (value and metadata), raw+meta (value + .meta.json)"),
+    Setting("FORMAT", "format", parse_choice("raw", "json", "raw+meta", "jsonl", "parquet"),
+            "raw", "a file per message: raw (the value), json (value and metadata), raw+meta "
+            "(value + .meta.json); a file per partition per batch: jsonl, parquet"),
+    Setting("PARQUET_COMPRESSION", "parquet_compression",
+            parse_choice("zstd", "snappy", "gzip", "none"), "zstd",
+            "FORMAT=parquet: the column chunks' codec"),
     Setting("TOMBSTONES", "tombstones", parse_choice("skip", "keep"), "skip",
-            "null values: skip, or keep as records with value null (json, raw+meta)"),
+            "null values: skip, or keep as records with value null (all but raw)"),
     Setting("DELIVERY", "delivery", parse_choice("auto", "pipe", "pfs"), "auto",
             "pipe (Pachyderm 1.x), pfs (2.x: commits through pachd) or auto"),
     Setting("OUTPUT_PIPE", "output_pipe", parse_nonempty, "/pfs/out",
@@ -297,14 +315,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("AUTO_OFFSET_RESET", "auto_offset_reset", parse_choice("earliest", "latest"),
             "earliest", "where partitions without a committed offset start"),
     Setting("BATCH_MAX_MESSAGES", "batch_max_messages", parse_positive_int, "1000",
-            "close an archive at this many messages"),
+            "close a batch (one archive or commit) at this many messages (jsonl and parquet: "
+            "100000)"),
     Setting("BATCH_MAX_BYTES", "batch_max_bytes", parse_size, "16MiB",
-            "close an archive at this many bytes of message data"),
+            "close a batch at this many bytes of message data (jsonl and parquet: 64MiB)"),
     Setting("BATCH_MAX_SECONDS", "batch_max_seconds", parse_seconds, "1.0",
-            "close an archive this long after its first message"),
+            "close a batch this long after its first message (jsonl and parquet: 60)"),
     Setting("NAME_TEMPLATE", "name_template", lambda text: NameTemplate(text).template,
             None, "file name per message; tokens {topic} {partition} {offset} {key} "
-            "{timestamp} (default: {topic}/{partition}/{offset:020d})"),
+            "{timestamp} {date} {hour} {key_hash} (default: {topic}/{partition}/{offset:020d}"
+            "; jsonl and parquet: one per file, of {topic} {partition} {offset} {date} {hour}, "
+            "default {topic}/{partition}/{offset:020d}.jsonl or .parquet)"),
     Setting("MARKER", "marker", lambda text: parse_marker_name(text), None,
             "marker mode: the spec's spout.marker name; resume exactly from it"),
     Setting("GROUP_INSTANCE_ID", "group_instance_id", parse_nonempty, None,
@@ -344,6 +365,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("HEALTH_MAX_DELIVERY_SECONDS", "health_max_delivery_seconds", parse_seconds,
             "300", "/healthz fails when messages wait and no commit was held this long"),
 )
+
+# BATCH_MAX_* when unset and FORMAT is jsonl or parquet. Segments are meant to be few and
+# large, as Kafka Connect's sinks flush at thousands of records or minutes; 64 MiB bounds
+# Parquet's peak memory (3x the batch + the interpreter, measured in make bench).
+SEGMENT_BATCH_DEFAULTS = {"batch_max_messages": 100_000, "batch_max_bytes": 64 * 1024 * 1024,
+                          "batch_max_seconds": 60.0}
 
 # Options the spout sets itself; a KAFKA_ variable may not override them.
 _OWNED_KAFKA_OPTIONS = {
@@ -398,6 +425,7 @@ class Config:
     topics: tuple[str, ...] = ()
     topic_pattern: str | None = None
     format: str = "raw"
+    parquet_compression: str = "zstd"
     tombstones: str = "skip"
     delivery: str = "pipe"
     output_pipe: str = "/pfs/out"
@@ -443,6 +471,7 @@ class Config:
         args = build_arg_parser().parse_args(list(argv))
         values: dict[str, object] = {}
         sources: dict[str, str] = {}
+        defaulted = set()
         for setting in SETTINGS:
             from_flag = getattr(args, setting.field)
             source = setting.flag if from_flag is not None else setting.env
@@ -450,6 +479,7 @@ class Config:
             raw = from_flag if from_flag is not None else environ.get(setting.env)
             if raw is None:
                 raw = setting.default
+                defaulted.add(setting.field)
             if raw is None:
                 continue
             try:
@@ -469,9 +499,17 @@ class Config:
         if "topics" not in values and "topic_pattern" not in values:
             raise ConfigError("TOPIC", "required (or set TOPIC_PATTERN)")
         if values.get("tombstones") == "keep" and values.get("format", "raw") == "raw":
-            raise ConfigError("TOMBSTONES", "keep needs FORMAT=json or raw+meta: a raw file "
-                              "cannot tell a null value from an empty one")
+            raise ConfigError("TOMBSTONES", "keep needs FORMAT=json, raw+meta, jsonl or "
+                              "parquet: a raw file cannot tell a null value from an empty one")
         values.update(registry_settings(values, sources))
+        segments = values["format"] in SEGMENT_FORMATS
+        if segments:
+            values["name_template"] = segment_template(
+                values.get("name_template"), values["format"], sources["name_template"],
+                "topic_pattern" in values or len(values.get("topics", ())) > 1)
+            for field, default in SEGMENT_BATCH_DEFAULTS.items():
+                if field in defaulted:
+                    values[field] = default
         if "group_id" not in values:
             values["group_id"] = environ.get("PPS_PIPELINE_NAME") or "kafka-spout"
         values["delivery"] = choose_delivery(values, sources)
@@ -691,6 +729,8 @@ def registry_settings(values: dict, sources: Mapping[str, str]) -> dict[str, obj
     if "schema_registry_url" not in found:
         raise ConfigError(sources["schema_registry_url"], "required with DECODE="
                           f"{','.join(decode)}")
+    if values.get("format", "raw") in SEGMENT_FORMATS:
+        raise ConfigError(sources["decode"], f"not supported yet with FORMAT={values['format']}")
     if "key" in decode and values.get("format", "raw") == "raw":
         raise ConfigError(sources["decode"], "key,value needs FORMAT=json or raw+meta: a raw "
                           "file holds the value only")
@@ -878,6 +918,7 @@ class NameTemplate:
             positional.append("{%d%s}" % (NAME_TOKENS.index(field), f":{spec}" if spec else ""))
         if not used:
             raise ValueError("must use at least one token, e.g. {offset}")
+        self.used = frozenset(used)
         self.uses_key = "key" in used
         self.uses_time = bool(used & {"date", "hour"})
         self.uses_key_hash = "key_hash" in used
@@ -944,6 +985,34 @@ class NameTemplate:
             else:
                 pieces.append(format(values[field], spec or "").replace("%", "%%"))
         return "".join(pieces)
+
+
+# FORMATs that write one file (a segment) per partition per batch, and its name's extension.
+SEGMENT_FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet"}
+# A segment holds many messages: its name can only use what they share.
+SEGMENT_TOKENS = ("topic", "partition", "offset", "date", "hour")
+
+
+def segment_template(template: str | None, format: str, source: str,
+                     several_topics: bool) -> str:
+    """NAME_TEMPLATE for a segment format: the default with the format's extension, or the
+    user's template if it uses only SEGMENT_TOKENS ({offset} is then the file's first) and
+    tells apart the files of one batch and of successive batches."""
+    if template is None:
+        return DEFAULT_NAME_TEMPLATE + SEGMENT_FORMATS[format]
+    used = NameTemplate(template).used
+    per_message = sorted(used - set(SEGMENT_TOKENS))
+    if per_message:
+        raise ConfigError(source, f"{{{per_message[0]}}} differs from message to message, "
+                          f"and FORMAT={format} writes many messages to one file; use "
+                          f"{', '.join('{%s}' % token for token in SEGMENT_TOKENS)}")
+    needed = ("partition", "offset") + (("topic",) if several_topics else ())
+    missing = [token for token in needed if token not in used]
+    if missing:
+        raise ConfigError(source, f"needs {{{missing[0]}}} with FORMAT={format}: without it "
+                          "two segments (of two partitions, topics or batches) could get "
+                          "the same name")
+    return template
 
 
 # Integer specs that str.format and % render alike: zero padding, width, base.
@@ -1820,6 +1889,165 @@ def decoded_shape(format: str, keys: bool, on_bad_record: str) -> Callable:
     return shape
 
 
+# JSON strings as json.dumps(..., ensure_ascii=False) writes them (the C encoder, where built).
+_json_string = json.encoder.encode_basestring
+_KEY = operator.attrgetter("key")
+_TIMESTAMP_TYPE_TEXT = {number: '"%s"' % name for number, name in TIMESTAMP_TYPES.items()}
+
+
+def _json_bytes_text(data: bytes | None) -> str:
+    """json_bytes(data) as JSON text."""
+    if data is None:
+        return "null"
+    if data.isascii():  # most text: no exception to risk
+        return _json_string(data.decode("ascii"))
+    try:
+        return _json_string(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return '{"base64": "%s"}' % base64.b64encode(data).decode("ascii")
+
+
+def json_lines(records: Iterable) -> str:
+    """FORMAT=jsonl: the FORMAT=json document of each message, one a line, each ending in
+    '\n': the same text as json.dumps(document, ensure_ascii=False), made directly at a
+    fraction of its cost (tests/test_segments.py compares the two)."""
+    lines = []
+    append, text, types = lines.append, _json_bytes_text, _TIMESTAMP_TYPE_TEXT
+    head = ""
+    topic_partition = None
+    for record in records:
+        if (record.topic, record.partition) != topic_partition:
+            topic_partition = record.topic, record.partition
+            head = '{"topic": %s, "partition": %d, "offset": ' % (
+                _json_string(record.topic), record.partition)
+        headers = record.headers
+        append('%s%d, "timestamp": %s, "timestamp_type": %s, "key": %s, "headers": [%s], '
+               '"value": %s}\n' % (
+                   head, record.offset,
+                   "null" if record.timestamp is None else "%d" % record.timestamp,
+                   types.get(record.timestamp_type, "null"), text(record.key),
+                   ", ".join("[%s, %s]" % (_json_string(name), text(value))
+                             for name, value in headers) if headers else "",
+                   text(record.value)))
+    return "".join(lines)
+
+
+class JsonLinesWriter:
+    """FORMAT=jsonl: a segment's records, one FORMAT=json document a line, in their order."""
+
+    def __init__(self, config: Config):
+        pass
+
+    def encode(self, records: Sequence) -> bytes:
+        return json_lines(records).encode()
+
+
+class ParquetWriter:
+    """FORMAT=parquet: a segment's records as one row each, in their order, with pyarrow
+    (imported only for this format). value_column() alone decides how a value is stored:
+    raw bytes here; a schema-aware writer can return a typed struct column instead."""
+
+    def __init__(self, config: Config):
+        import pyarrow
+        import pyarrow.parquet
+        self.pa, self.parquet = pyarrow, pyarrow.parquet
+        fix_malloc_mmap_threshold()
+        self.compression = config.parquet_compression
+        pa = pyarrow
+        self.header_fields = [pa.field("key", pa.string(), nullable=False),
+                              pa.field("value", pa.binary())]
+        self.headers_type = pa.list_(pa.struct(self.header_fields))
+        self.timestamp_type = pa.timestamp("ms", tz="UTC")
+
+    def value_column(self, records: Sequence) -> tuple:
+        """The value column's field and array."""
+        pa = self.pa
+        return pa.field("value", pa.binary()), pa.array(list(map(_VALUE, records)), pa.binary())
+
+    def headers_column(self, records: Sequence):
+        pa = self.pa
+        ends, keys, values = [0], [], []
+        for record in records:
+            for name, value in record.headers or ():
+                keys.append(name)
+                values.append(value)
+            ends.append(len(keys))
+        entries = pa.StructArray.from_arrays(
+            [pa.array(keys, pa.string()), pa.array(values, pa.binary())],
+            fields=self.header_fields)
+        return pa.ListArray.from_arrays(pa.array(ends, pa.int32()), entries,
+                                        type=self.headers_type)
+
+    def table(self, records: Sequence):
+        """One row group's records as a table."""
+        pa = self.pa
+        count = len(records)
+        first = records[0]
+        timestamps = list(map(_TIMESTAMP, records))
+        if min(timestamps) < 0:  # -1: Kafka has no timestamp for the message
+            timestamps = [None if timestamp < 0 else timestamp for timestamp in timestamps]
+        value_field, values = self.value_column(records)
+        fields = [pa.field("topic", pa.string(), nullable=False),
+                  pa.field("partition", pa.int32(), nullable=False),
+                  pa.field("offset", pa.int64(), nullable=False),
+                  pa.field("timestamp", self.timestamp_type),
+                  pa.field("timestamp_type", pa.string()),
+                  pa.field("key", pa.binary()), value_field,
+                  pa.field("headers", self.headers_type, nullable=False)]
+        columns = [pa.array([first.topic] * count, pa.string()),
+                   pa.array([first.partition] * count, pa.int32()),
+                   pa.array(list(map(_OFFSET, records)), pa.int64()),
+                   pa.array(timestamps, self.timestamp_type),
+                   pa.array([TIMESTAMP_TYPES.get(record.timestamp_type) for record in records],
+                            pa.string()),
+                   pa.array(list(map(_KEY, records)), pa.binary()), values,
+                   self.headers_column(records)]
+        return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+    def encode(self, records: Sequence) -> bytes:
+        """The Parquet file, in row groups of about PARQUET_ROW_GROUP_BYTES of values: what
+        building a row group takes (several copies of it) stays that small, whatever the
+        batch size."""
+        sink = io.BytesIO()
+        writer = None
+        start = 0
+        while start < len(records):
+            end, size = start, 0
+            while end < len(records) and (size < PARQUET_ROW_GROUP_BYTES or end == start):
+                size += len(records[end].value or b"")
+                end += 1
+            table = self.table(records[start:end])
+            if writer is None:
+                # Dictionaries only where values repeat: for keys and values they cost
+                # time, and a copy of the column, before Parquet falls back to plain.
+                writer = self.parquet.ParquetWriter(
+                    sink, table.schema, compression=self.compression,
+                    use_dictionary=["topic", "partition", "timestamp_type"])
+            writer.write_table(table)
+            del table
+            start = end
+        writer.close()
+        return sink.getvalue()
+
+
+def fix_malloc_mmap_threshold(threshold: int = 128 * 1024) -> None:
+    """Keeps glibc's malloc serving blocks of this size and up with mmap, so that freeing
+    them returns them to the system. glibc raises the threshold by itself each time such a
+    block is freed; a batch of large values then lands in the heap, which keeps the pages:
+    make bench measured a Parquet spout's peak at 369 MiB with 64 MiB batches of 1 MiB
+    messages, and 276 MiB with the threshold fixed. Elsewhere (musl, macOS): nothing."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, threshold)   # M_MMAP_THRESHOLD in glibc's malloc.h
+
+
+SEGMENT_WRITERS = {"jsonl": JsonLinesWriter, "parquet": ParquetWriter}
+PARQUET_ROW_GROUP_BYTES = 8 * 1024 * 1024
+
+
 # --------------------------------------------------------------------------- delivery
 
 class Stopped(Exception):
@@ -2197,6 +2425,11 @@ class Delivery:
         """Whether Pachyderm has yet to read part of what was sent to it (the loop's thread)."""
         return False
 
+    def all_held(self) -> bool:
+        """Whether Pachyderm holds every batch sent and held() has returned them all (the
+        loop's thread). Until then the consumer's position is no delivered point."""
+        return False
+
 
 class PipeDelivery(Delivery):
     """Pachyderm 1.x: tar archives through the named pipe, the marker in every one."""
@@ -2251,6 +2484,11 @@ class PipeDelivery(Delivery):
         # The newest archive stays in flight after the reader has read it all (nothing tells
         # when its commit ends): bytes still unread are what waits.
         return bool(self.archives.in_flight) and self.archives.pipe.unread() > 0
+
+    def all_held(self) -> bool:
+        # The newest archive is held only once the reader moves on to the next one (or at
+        # exit), so while the spout runs this is rarely true after an archive.
+        return not self.archives.in_flight and not self.archives.delivered
 
 
 # A value is sent in pieces well under the 20 MB that pachd and the SDK accept per message.
@@ -2531,6 +2769,11 @@ class PfsDelivery(Delivery):
         delivered, self.delivered = self.delivered, []
         return delivered
 
+    def all_held(self) -> bool:
+        # send() returns only once FinishCommit went through; a commit it left unsettled
+        # (stopped mid-way) holds a batch that is not delivered.
+        return not self.delivered and self.unsettled is None
+
     def unreachable(self) -> tuple[float, str] | None:
         since = self.unreachable_since
         return None if since is None else (since, f"pachd at {self.address} is unreachable")
@@ -2561,10 +2804,15 @@ def make_delivery(config: Config, stop: threading.Event) -> Delivery:
     return PfsDelivery(config, stop) if config.delivery == "pfs" else PipeDelivery(config, stop)
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- batching
+# Records in, files out. The loop hands every polled list to a Batcher and gets each closed
+# batch back through ship(); a Batcher decides what a file is (one per message here, one per
+# partition and batch for segments) and, through its Rotation, when a batch closes. Kafka
+# Connect keeps TopicPartitionWriter (grouping, rotation), the format's RecordWriter and the
+# offset commit apart in the same way; the offset commit stays with the loop.
 
 class Batch:
-    """Messages waiting to become one archive."""
+    """Messages waiting to become one archive or commit."""
 
     def __init__(self):
         self.members: list[tuple[str, bytes, int]] = []
@@ -2574,6 +2822,8 @@ class Batch:
         self.data_bytes = 0
         self.records = 0
         self.started = 0.0
+        # Segments: messages written per topic, once the files are made (a file holds many).
+        self.written: dict | None = None
 
     def drop(self, partitions: set) -> dict:
         """Forgets the messages of these partitions; returns where each one's began."""
@@ -2589,6 +2839,263 @@ class Batch:
         self.records = len(self.members) if self.offsets else 0
         return dropped
 
+
+class Rotation(NamedTuple):
+    """When a batch closes: at this many messages, bytes of message data, or seconds after
+    its first message, whichever comes first."""
+    max_messages: int
+    max_bytes: int
+    max_seconds: float
+
+    def due_in(self, batch: Batch) -> float:
+        if not batch.records:
+            return self.max_seconds
+        return batch.started + self.max_seconds - time.monotonic()
+
+
+class Batcher:
+    """Turns polled records into closed batches of files, handing each to ship()."""
+
+    def __init__(self, config: Config, stats: Stats, ship: Callable[[], None]):
+        self.rotation = Rotation(config.batch_max_messages, config.batch_max_bytes,
+                                 config.batch_max_seconds)
+        self.names = NameTemplate(config.name_template)
+        self.keep_tombstones = config.tombstones == "keep"
+        self.stats = stats
+        self.ship = ship
+        self.batch = Batch()
+
+    def add(self, records: Mapping) -> None:
+        """Batches one poll's records, shipping a batch whenever the rotation closes one."""
+        raise NotImplementedError
+
+    def take(self) -> Batch:
+        """The open batch, closed, its files made; a new one opens."""
+        batch, self.batch = self.batch, Batch()
+        return batch
+
+    def drop(self, partitions: set) -> dict:
+        """Forgets the open batch's messages of these partitions (a rebalance took them);
+        returns where each one's began."""
+        return self.batch.drop(partitions)
+
+    def due_in(self) -> float:
+        return self.rotation.due_in(self.batch)
+
+
+class MessageFiles(Batcher):
+    """One file per message (FORMAT raw, json, raw+meta), named by NAME_TEMPLATE."""
+
+    def __init__(self, config: Config, stats: Stats, ship: Callable[[], None]):
+        super().__init__(config, stats, ship)
+        self.shape = decoded_shape(config.format, "key" in config.decode,
+                                   config.on_bad_record) if config.decode \
+            else FORMATS[config.format]
+
+    def add(self, records: Mapping) -> None:
+        """The hot path. A partition's polled list goes in whole, or in as few pieces as the
+        message limit makes, with names, sizes and offsets handled per piece; message by
+        message only where a piece would reach the byte limit, holds a tombstone, or the
+        format is not raw.
+        """
+        limit_messages = self.rotation.max_messages
+        limit_bytes = self.rotation.max_bytes
+        raw = self.shape is None
+        for tp, messages in records.items():
+            start, total = 0, len(messages)
+            while start < total:
+                room = max(limit_messages - self.batch.records, 1)
+                piece = messages if start == 0 and total <= room else \
+                    messages[start:start + room]
+                start += len(piece)
+                if raw:
+                    values = list(map(_VALUE, piece))
+                    try:
+                        size = sum(map(len, values))
+                    except TypeError:  # a tombstone (None) among them
+                        size = limit_bytes
+                    if self.batch.data_bytes + size < limit_bytes:
+                        self._add_piece(tp, piece, values, size)
+                        continue
+                self._add_each(tp, piece)
+
+    def _add_piece(self, tp, piece: Sequence, values: list, size: int) -> None:
+        """Raw values that fit the batch whole, with no tombstone among them."""
+        batch = self.batch
+        if not batch.records:
+            batch.started = time.monotonic()
+        if tp not in batch.offsets:
+            batch.first_offsets[tp] = piece[0].offset
+        batch.offsets[tp] = piece[-1].offset + 1
+        count = len(piece)
+        batch.records += count
+        batch.data_bytes += size
+        names = self.names.render_list(tp.topic, tp.partition, piece)
+        timestamps = list(map(_TIMESTAMP, piece))
+        if min(timestamps) >= 0:
+            mtimes = map(operator.floordiv, timestamps, itertools.repeat(1000))
+        else:  # -1: the message has no timestamp
+            mtimes = (max(timestamp, 0) // 1000 for timestamp in timestamps)
+        batch.members.extend(zip(names, values, mtimes))
+        batch.partitions.extend(itertools.repeat(tp, count))
+        if batch.records >= self.rotation.max_messages or \
+                batch.data_bytes >= self.rotation.max_bytes:
+            self.ship()
+
+    def _add_each(self, tp, messages: Sequence) -> None:
+        """One message at a time: the byte limit may fall inside, tombstones, other formats."""
+        render = self.names.render
+        limit_bytes = self.rotation.max_bytes
+        limit_messages = self.rotation.max_messages
+        shape = self.shape
+        keep_tombstones = self.keep_tombstones
+        topic, partition = tp.topic, tp.partition
+        batch = self.batch
+        for record in messages:
+            value, offset = record.value, record.offset
+            if value is not None and batch.members and \
+                    batch.data_bytes + len(value) > limit_bytes:
+                self.ship()  # a message over the limit travels alone
+                batch = self.batch
+            if not batch.records:
+                batch.started = time.monotonic()
+            if tp not in batch.offsets:
+                batch.first_offsets[tp] = offset
+            batch.records += 1
+            batch.offsets[tp] = offset + 1
+            if value is None:
+                self.stats.tombstones += 1
+            if shape is None:
+                if value is not None:
+                    timestamp = record.timestamp
+                    batch.members.append((render(topic, partition, offset, record.key,
+                                                 timestamp), value,
+                                          max(timestamp, 0) // 1000))
+                    batch.partitions.append(tp)
+                    batch.data_bytes += len(value)
+            elif value is not None or keep_tombstones:
+                timestamp = record.timestamp
+                name = render(topic, partition, offset, record.key, timestamp)
+                for member in shape(name, record, max(timestamp, 0) // 1000):
+                    batch.members.append(member)
+                    batch.partitions.append(tp)
+                    batch.data_bytes += len(member[1])
+            if batch.records >= limit_messages or batch.data_bytes >= limit_bytes:
+                self.ship()
+                batch = self.batch
+
+
+class Segments(Batcher):
+    """One file per partition per batch (FORMAT jsonl, parquet), its messages in offset
+    order, named by the template with {offset} the file's first. With {date} or {hour} in
+    the template, one file per partition and hour of the messages' own timestamps, so that
+    no file mixes two hours (Kafka Connect's TimeBasedPartitioner)."""
+
+    def __init__(self, config: Config, stats: Stats, ship: Callable[[], None]):
+        super().__init__(config, stats, ship)
+        self.writer = SEGMENT_WRITERS[config.format](config)
+        self.rows: dict = {}   # TopicPartition -> the open batch's records to write
+
+    def add(self, records: Mapping) -> None:
+        limit_messages = self.rotation.max_messages
+        limit_bytes = self.rotation.max_bytes
+        for tp, messages in records.items():
+            start, total = 0, len(messages)
+            while start < total:
+                room = max(limit_messages - self.batch.records, 1)
+                piece = messages if start == 0 and total <= room else \
+                    messages[start:start + room]
+                start += len(piece)
+                values = list(map(_VALUE, piece))
+                try:
+                    size = sum(map(len, values))
+                except TypeError:  # a tombstone (None) among them
+                    size = limit_bytes
+                if self.batch.data_bytes + size < limit_bytes:
+                    self._add_piece(tp, piece, size)
+                    continue
+                for record in piece:  # the byte limit falls inside, or tombstones
+                    value = record.value
+                    size = 0 if value is None else len(value)
+                    if size and self.batch.records and \
+                            self.batch.data_bytes + size > limit_bytes:
+                        self.ship()  # a message over the limit travels alone
+                    self._add_piece(tp, (record,), size)
+
+    def _add_piece(self, tp, piece: Sequence, size: int) -> None:
+        batch = self.batch
+        if not batch.records:
+            batch.started = time.monotonic()
+        if tp not in batch.offsets:
+            batch.first_offsets[tp] = piece[0].offset
+        batch.offsets[tp] = piece[-1].offset + 1
+        batch.records += len(piece)
+        batch.data_bytes += size
+        if len(piece) == 1 and piece[0].value is None:  # tombstones come one at a time
+            self.stats.tombstones += 1
+            if not self.keep_tombstones:
+                piece = ()
+        rows = self.rows.get(tp)
+        if rows is None:
+            rows = self.rows[tp] = []
+        rows.extend(piece)
+        if batch.records >= self.rotation.max_messages or \
+                batch.data_bytes >= self.rotation.max_bytes:
+            self.ship()
+
+    def take(self) -> Batch:
+        """Writes the open batch's segments: one partition at a time, each partition's
+        records let go as soon as its files are made (peak memory)."""
+        batch = super().take()
+        rows, self.rows = self.rows, {}
+        written: dict = {}
+        render, encode = self.names.render, self.writer.encode
+        for tp in list(rows):
+            for segment in self.segments(rows.pop(tp)):
+                first = segment[0]
+                data = encode(segment)
+                batch.members.append((render(tp.topic, tp.partition, first.offset, None,
+                                             first.timestamp),
+                                      data, max(first.timestamp, 0) // 1000))
+                batch.partitions.append(tp)
+                written[tp.topic] = written.get(tp.topic, 0) + len(segment)
+        batch.data_bytes = sum(len(member[1]) for member in batch.members)
+        batch.written = written
+        return batch
+
+    def segments(self, records: list) -> Iterable[list]:
+        """A partition's records in files: all in one, or one per hour of their timestamps,
+        each in offset order."""
+        if not records:
+            return ()
+        if not self.names.uses_time:
+            return (records,)
+        hours: dict[int, list] = {}
+        for record in records:
+            hour = max(record.timestamp, 0) // 3_600_000
+            group = hours.get(hour)
+            if group is None:
+                group = hours[hour] = []
+            group.append(record)
+        return hours.values()
+
+    def drop(self, partitions: set) -> dict:
+        for tp in partitions:
+            self.rows.pop(tp, None)
+        dropped = self.batch.drop(partitions)
+        self.batch.data_bytes = sum(len(record.value or b"") for rows in self.rows.values()
+                                    for record in rows)
+        self.batch.records = sum(map(len, self.rows.values())) if self.batch.offsets else 0
+        return dropped
+
+
+def make_batcher(config: Config, stats: Stats, ship: Callable[[], None]) -> Batcher:
+    if config.format in SEGMENT_FORMATS:
+        return Segments(config, stats, ship)
+    return MessageFiles(config, stats, ship)
+
+
+# --------------------------------------------------------------------------- the loop
 
 class Stats:
     def __init__(self):
@@ -2637,18 +3144,17 @@ class Spout:
         self.unresolved: set = set()
         self.topics = config.topics  # those consumed now: TOPIC, or TOPIC_PATTERN's matches
         self.stop = stop
-        self.names = NameTemplate(config.name_template)
         self.delivery = delivery or make_delivery(config, stop)
-        # DECODE: polls pass through decoding before they are batched, and are shaped from
-        # what it made of them.
+        # DECODE: polls pass through decoding before they are batched; the batcher shapes
+        # files from what it made of them.
         self.decoding = Decoding(config, stop) if config.decode else None
-        self.shape = decoded_shape(config.format, "key" in config.decode,
-                                   config.on_bad_record) if config.decode \
-            else FORMATS[config.format]
         self.abandoned = False   # a batch was given up: nothing after it may be delivered
-        self.batch = Batch()
         self.stats = Stats()
+        self.batcher = make_batcher(config, self.stats, self.flush)
         self.uncommitted: dict = {}
+        # TopicPartition -> the next offset such that Pachyderm holds every record before it
+        # that read_committed returns: what the group's offset may move to.
+        self.delivered: dict = {}
         self.next_commit = 0.0
         self.connected = True
         self.assigned: set = set()
@@ -2740,14 +3246,26 @@ class Spout:
         try:
             for tp in self.consumer.assignment():
                 highwater = self.consumer.highwater(tp)
-                # position() may ask the coordinator or reset; the fetch position is local.
-                position = self.consumer._subscription.assignment[tp].position
+                position = self.fetch_position(tp)
                 if highwater is not None and position is not None:
-                    total += max(highwater - position.offset, 0)
+                    total += max(highwater - position, 0)
                     known = True
         except Exception:  # the assignment changed under us: no figure this time
             return None
         return total if known else None
+
+    def fetch_position(self, tp, fetchable: bool = False) -> int | None:
+        """The next offset the consumer reads of a partition: past every record poll() has
+        returned and every one read_committed skipped (transaction markers, aborted
+        transactions), never past one still to return. None while unknown, or, if fetchable,
+        while paused, awaiting a reset, validation or revocation.
+
+        position() may ask the coordinator or reset; kafka-python's local state does not.
+        """
+        state = self.consumer._subscription.assignment.get(tp)
+        if state is None or state.position is None or (fetchable and not state.is_fetchable()):
+            return None
+        return state.position.offset
 
     def connect(self) -> bool:
         """Creates the consumer, retrying with back-off while the broker is unreachable."""
@@ -2854,9 +3372,11 @@ class Spout:
         """
         if revoked:
             log.info("revoked %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
-        for tp, offset in self.batch.drop(revoked).items():
+        for tp, offset in self.batcher.drop(revoked).items():
             self.consumer.seek(tp, offset)
         self.unresolved -= revoked
+        for tp in revoked:
+            self.delivered.pop(tp, None)
         self.monitor.forget(revoked)
 
     def on_assigned(self, assigned: set) -> None:
@@ -2885,10 +3405,38 @@ class Spout:
         self.consumer.resume(*(self.unresolved & owned))
         self.unresolved.clear()
 
+    def adopt_consumer_positions(self) -> None:
+        """Once Pachyderm holds everything polled, the consumer's position is the delivered
+        point: past transaction markers and aborted records, which no batch carries. So the
+        group's offsets, the lag and the next commit's record reach the end of an idle
+        transactional topic, and nothing is written to Pachyderm for it: its record may
+        trail by markers until the next batch.
+
+        Only partitions this spout owns and can fetch: one paused until resolve_assigned(),
+        or awaiting its committed offset after an assignment, has a stale position or none.
+        """
+        if self.batch.records or self.abandoned or not self.delivery.all_held():
+            return
+        moved = {}
+        try:
+            for tp in self.consumer.assignment():
+                position = None if tp in self.unresolved else self.fetch_position(tp, True)
+                if position is not None and position > self.delivered.get(tp, -1):
+                    moved[tp] = position
+        except Exception:  # the assignment changed under us: next time
+            return
+        if moved:
+            self.delivered.update(moved)
+            self.positions.update(moved)
+            self.uncommitted.update(moved)
+            self.monitor.caught_up(moved)
+
     def commit(self, timeout_ms: int = 2000, final: bool = False) -> None:
         for outgoing in self.delivery.held():
             self.uncommitted.update(outgoing.commit)
+            self.delivered.update(outgoing.commit)
             self.monitor.held(outgoing)
+        self.adopt_consumer_positions()
         if not self.uncommitted or (time.monotonic() < self.next_commit and not final):
             return
         if not self.config.exactly_once:
@@ -2928,101 +3476,16 @@ class Spout:
                             self.config.broker_address)
 
     # -- batching
+    @property
+    def batch(self) -> Batch:
+        """The open batch."""
+        return self.batcher.batch
+
     def add(self, records: Mapping) -> None:
-        """Batches polled records, closing an archive at either limit. The hot path.
-
-        A partition's polled list goes in whole, or in as few pieces as the message limit
-        makes, with names, sizes and offsets handled per piece; message by message only where
-        a piece would reach the byte limit, holds a tombstone, or the format is not raw.
-        """
-        limit_messages = self.config.batch_max_messages
-        limit_bytes = self.config.batch_max_bytes
-        raw = self.shape is None
-        for tp, messages in records.items():
-            start, total = 0, len(messages)
-            while start < total:
-                room = max(limit_messages - self.batch.records, 1)
-                piece = messages if start == 0 and total <= room else \
-                    messages[start:start + room]
-                start += len(piece)
-                if raw:
-                    values = list(map(_VALUE, piece))
-                    try:
-                        size = sum(map(len, values))
-                    except TypeError:  # a tombstone (None) among them
-                        size = limit_bytes
-                    if self.batch.data_bytes + size < limit_bytes:
-                        self._add_piece(tp, piece, values, size)
-                        continue
-                self._add_each(tp, piece)
-
-    def _add_piece(self, tp, piece: Sequence, values: list, size: int) -> None:
-        """Raw values that fit the batch whole, with no tombstone among them."""
-        batch = self.batch
-        if not batch.records:
-            batch.started = time.monotonic()
-        if tp not in batch.offsets:
-            batch.first_offsets[tp] = piece[0].offset
-        batch.offsets[tp] = piece[-1].offset + 1
-        count = len(piece)
-        batch.records += count
-        batch.data_bytes += size
-        names = self.names.render_list(tp.topic, tp.partition, piece)
-        timestamps = list(map(_TIMESTAMP, piece))
-        if min(timestamps) >= 0:
-            mtimes = map(operator.floordiv, timestamps, itertools.repeat(1000))
-        else:  # -1: the message has no timestamp
-            mtimes = (max(timestamp, 0) // 1000 for timestamp in timestamps)
-        batch.members.extend(zip(names, values, mtimes))
-        batch.partitions.extend(itertools.repeat(tp, count))
-        if batch.records >= self.config.batch_max_messages or \
-                batch.data_bytes >= self.config.batch_max_bytes:
-            self.flush()
-
-    def _add_each(self, tp, messages: Sequence) -> None:
-        """One message at a time: the byte limit may fall inside, tombstones, other formats."""
-        render = self.names.render
-        limit_bytes = self.config.batch_max_bytes
-        limit_messages = self.config.batch_max_messages
-        shape = self.shape
-        keep_tombstones = self.config.tombstones == "keep"
-        topic, partition = tp.topic, tp.partition
-        batch = self.batch
-        for record in messages:
-            value, offset = record.value, record.offset
-            if value is not None and batch.members and \
-                    batch.data_bytes + len(value) > limit_bytes:
-                self.flush()  # a message over the limit travels alone
-                batch = self.batch
-            if not batch.records:
-                batch.started = time.monotonic()
-            if tp not in batch.offsets:
-                batch.first_offsets[tp] = offset
-            batch.records += 1
-            batch.offsets[tp] = offset + 1
-            if value is None:
-                self.stats.tombstones += 1
-            if shape is None:
-                if value is not None:
-                    timestamp = record.timestamp
-                    batch.members.append((render(topic, partition, offset, record.key,
-                                                 timestamp), value,
-                                          max(timestamp, 0) // 1000))
-                    batch.partitions.append(tp)
-                    batch.data_bytes += len(value)
-            elif value is not None or keep_tombstones:
-                timestamp = record.timestamp
-                name = render(topic, partition, offset, record.key, timestamp)
-                for member in shape(name, record, max(timestamp, 0) // 1000):
-                    batch.members.append(member)
-                    batch.partitions.append(tp)
-                    batch.data_bytes += len(member[1])
-            if batch.records >= limit_messages or batch.data_bytes >= limit_bytes:
-                self.flush()
-                batch = self.batch
+        self.batcher.add(records)
 
     def flush(self, deadline: float | None = None) -> None:
-        batch, self.batch = self.batch, Batch()
+        batch = self.batcher.take()
         if not batch.records:
             return
         if self.abandoned:
@@ -3047,9 +3510,7 @@ class Spout:
                                          for tp, offset in batch.offsets.items()})
 
     def batch_due_in(self) -> float:
-        if not self.batch.records:
-            return self.config.batch_max_seconds
-        return self.batch.started + self.config.batch_max_seconds - time.monotonic()
+        return self.batcher.due_in()
 
     # -- the loop
     def run(self) -> int:
@@ -3142,6 +3603,7 @@ class Spout:
             self.flush(deadline)
             for outgoing in self.delivery.drain(deadline):
                 self.uncommitted.update(outgoing.commit)
+                self.delivered.update(outgoing.commit)
                 self.monitor.held(outgoing)
         except Stopped:
             log.warning("Pachyderm did not take the last batch in time; its messages stay "
@@ -3163,7 +3625,7 @@ class Spout:
 HEALTH_GRACE_SECONDS = 5.0
 # Lag and offsets are refreshed this often, between polls: per partition, not per message.
 METRICS_REFRESH_SECONDS = 0.5
-_FILES_PER_MESSAGE = {"raw": 1, "json": 1, "raw+meta": 2}
+_FILES_PER_MESSAGE = {"raw": 1, "json": 1, "raw+meta": 2, "jsonl": 1, "parquet": 1}  # 1: unused
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 BATCH_MESSAGES_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000)
 BATCH_BYTES_BUCKETS = tuple(1024 * 4**n for n in range(10))   # 1 KiB .. 256 MiB
@@ -3181,6 +3643,10 @@ class Monitor:
 
     def held(self, outgoing: Outgoing) -> None:
         """Pachyderm holds this batch now."""
+
+    def caught_up(self, offsets: dict) -> None:
+        """Pachyderm holds all that precedes these offsets that Kafka gives (what lies
+        between is transaction markers and aborted records)."""
 
     def kafka_reachable(self, reachable: bool) -> None:
         """Whether the consumer could reach a broker, as last found out."""
@@ -3307,12 +3773,18 @@ class MetricsMonitor(Monitor):
                 per_topic[tp.topic] = (files + 1, size + len(data))
         messages = 0
         for topic, (files, size) in per_topic.items():
-            self.messages.labels(topic).inc(files // self.files_per_message)
+            written = files // self.files_per_message if batch.written is None \
+                else batch.written.get(topic, 0)
+            self.messages.labels(topic).inc(written)
             self.bytes.labels(topic).inc(size)
-            messages += files // self.files_per_message
+            messages += written
         self.batch_messages.observe(messages)
         self.batch_bytes.observe(batch.data_bytes)
         self.count_redeliveries()
+
+    def caught_up(self, offsets: dict) -> None:
+        self.delivered.update(offsets)
+        self.next_refresh = 0.0
 
     def kafka_reachable(self, reachable: bool) -> None:
         if reachable:
@@ -3327,8 +3799,11 @@ class MetricsMonitor(Monitor):
 
     def refresh(self) -> None:
         """Lag and delivered offsets of every partition owned, and whether messages wait:
-        in Kafka still, in the batch, or sent and not yet read. Not the newest 1.x archive
-        once read: it is held only when the next one is read, and an idle topic is no stall."""
+        in Kafka still (the high watermark past the consumer's position), in the batch, or
+        sent and not yet read. Not the newest 1.x archive once read: it is held only when the
+        next one is read, and an idle topic is no stall. Nor are a transactional topic's
+        trailing markers and aborted records, which the position passes. An open transaction
+        is: kafka-python keeps no last stable offset, so its records count as waiting."""
         now = time.monotonic()
         if now < self.next_refresh:
             return
@@ -3349,7 +3824,12 @@ class MetricsMonitor(Monitor):
             self.delivered_offset.labels(*labels).set(delivered)
             if highwater is not None:
                 self.lag.labels(*labels).set(max(highwater - delivered, 0))
-                waiting = waiting or highwater > self.polled_to.get(tp, delivered)
+                # The consumer's position, not the last record polled: what lies between
+                # (transaction markers, aborted records) is nothing to wait for.
+                read_to = spout.fetch_position(tp)
+                if read_to is None:
+                    read_to = self.polled_to.get(tp, delivered)
+                waiting = waiting or highwater > read_to
             self.exported.add(tp)
         for tp in self.exported - owned:
             self.exported.discard(tp)

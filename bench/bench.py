@@ -3,7 +3,10 @@ path without a broker, the pipe's limit, and its memory.
 
 End to end, every row reads the same topic of a local broker (Tansu, or --bootstrap) in the
 same run: a bare kafka-python poll loop (with the C CRC32C), confluent-kafka's consumer, and
-spout.py itself in marker mode writing to a FIFO read by a drain that walks the tar headers.
+spout.py itself in marker mode writing to a FIFO read by a drain that walks the tar headers,
+or committing to the pachd double; at 200 B and 10 KiB also with FORMAT=jsonl and parquet on
+both deliveries (segments, counted by the record). The memory rows: defaults, and Parquet with
+64 MiB batches on both deliveries.
 The owned-path rows run the spout's own code (batching, naming, encoding, delivery) on records
 shaped like kafka-python's, with no broker. Rows of one run share the machine's state, so
 compare within a run; the table shows the median of --runs runs, ratios the median of per-run
@@ -62,7 +65,11 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS. Not getrusage's ru_maxrss, which Linux carries over from the
+    parent at fork: the bench's own process grows with the pachd double's commits."""
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return int(fields["VmHWM"].split()[0]) / 1024
 
 
 def records(size: int, count: int, per_poll: int = 500):
@@ -160,10 +167,12 @@ def writer_seed(fifo: str, size: int, count: int) -> dict:
             "rss": peak_rss_mib()}
 
 
-def drain(fifo: str, expect: int = 0, ignore: str = "") -> dict:
+def drain(fifo: str, expect: int = 0, ignore: str = "", by_marker: bool = False) -> dict:
     """Reads the FIFO and walks the tar headers without copying bodies; long bodies are
-    passed over with splice(2) to /dev/null. With expect, prints "first T" and "done T"
-    (monotonic clock) when the first and the expect-th data member arrive."""
+    passed over with splice(2) to /dev/null. With expect, prints "first T N" and "done T"
+    (perf_counter) when the first and the expect-th data member arrive (N: 1). by_marker
+    counts messages instead of members, from the marker (`ignore`) that ends each archive:
+    the sum of its next offsets, as every partition starts at 0 (segments hold many)."""
     fd = os.open(fifo, os.O_RDONLY)
     devnull = os.open(os.devnull, os.O_WRONLY)
     ignored = ignore.encode().ljust(100, b"\x00") if ignore else None
@@ -198,11 +207,23 @@ def drain(fifo: str, expect: int = 0, ignore: str = "") -> dict:
             if header == zero:
                 continue
             size = int(bytes(header[124:135]), 8)
-            if header[156:157] == b"0" and (ignored is None or header[:100] != ignored):
+            if by_marker and header[:100] == ignored:
+                if position + size > end:  # the marker's body is not all here yet
+                    position -= 512
+                    break
+                offsets = json.loads(bytes(view[position:position + size]))["offsets"]
+                held = sum(o for partitions in offsets.values() for o in partitions.values())
+                if expect and members == 0:
+                    print(f"first {time.perf_counter()} {held}", flush=True)
+                if expect and members < expect <= held:
+                    print(f"done {time.perf_counter()}", flush=True)
+                members = held
+            elif not by_marker and header[156:157] == b"0" and (
+                    ignored is None or header[:100] != ignored):
                 members += 1
                 data_bytes += size
                 if expect and members == 1:
-                    print(f"first {time.perf_counter()}", flush=True)
+                    print(f"first {time.perf_counter()} 1", flush=True)
                 if expect and members == expect:
                     print(f"done {time.perf_counter()}", flush=True)
             position += size + (-size % 512)
@@ -349,17 +370,22 @@ SPOUT_SCRIPT = ROOT / "spout.py"  # --spout: measure another copy, e.g. the prev
 
 
 def spout_pipe(bootstrap: str, topic: str, count: int, group: bool = False,
-               profile: str | None = None, script: Path | None = None) -> dict:
+               profile: str | None = None, script: Path | None = None,
+               format: str | None = None) -> dict:
     """spout.py as users run it, marker mode (or group mode) into a FIFO read by the drain;
-    its CPU from /proc between the first and the last message the drain sees."""
+    its CPU from /proc between the first and the last message the drain sees. A segment
+    format (format=jsonl|parquet) is counted by the marker, so marker mode only; CPU and
+    rate then count the messages after the first archive."""
     with tempfile.TemporaryDirectory() as work:
         fifo = os.path.join(work, "out")
         os.mkfifo(fifo)
         reader = subprocess.Popen([sys.executable, __file__, "_drain", fifo, str(count),
-                                   "" if group else "offsets"],
+                                   "" if group else "offsets"] + (["by-marker"] if format
+                                                                  else []),
                                   stdout=subprocess.PIPE, text=True)
         settings = dict(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, OUTPUT_PIPE=fifo,
-                        LOG_LEVEL="WARNING", GROUP_ID=f"bench-{os.getpid()}-{time.time()}")
+                        LOG_LEVEL="WARNING", GROUP_ID=f"bench-{os.getpid()}-{time.time()}",
+                        **segment_settings(format, count))
         if not group:
             settings["MARKER"] = "offsets"
         process = subprocess.Popen([sys.executable, str(script or SPOUT_SCRIPT)],
@@ -373,7 +399,7 @@ def spout_pipe(bootstrap: str, topic: str, count: int, group: bool = False,
                                         env=dict(os.environ, PATH=os.path.dirname(
                                             sys.executable) + os.pathsep + os.environ["PATH"]))
         try:
-            _, first_at = reader.stdout.readline().split()
+            _, first_at, first = reader.stdout.readline().split()
             cpu = proc_cpu(process.pid)
             _, done_at = reader.stdout.readline().split()
             used = proc_cpu(process.pid) - cpu
@@ -385,7 +411,17 @@ def spout_pipe(bootstrap: str, topic: str, count: int, group: bool = False,
             process.wait(30)
             reader.communicate(timeout=30)
     seconds = float(done_at) - float(first_at)
-    return {"msg_per_s": (count - 1) / seconds, "cpu_us_per_msg": used / (count - 1) * 1e6}
+    counted = count - int(first)
+    return {"msg_per_s": counted / seconds, "cpu_us_per_msg": used / counted * 1e6}
+
+
+def segment_settings(format: str | None, count: int) -> dict:
+    """The spout's settings for a segment row: the format, with the segment defaults but
+    for BATCH_MAX_SECONDS, which would hold a topic's last, partial batch for a minute, and
+    at least 3 batches of messages (the first is not timed): 100,000 messages (the default)
+    in a full run at 200 B."""
+    return {"FORMAT": format, "BATCH_MAX_SECONDS": "2",
+            "BATCH_MAX_MESSAGES": str(min(100_000, count // 3))} if format else {}
 
 
 # The pachd double is a Python gRPC server and bounds the 2.x row's rate long before Kafka
@@ -394,12 +430,22 @@ PACHD_MAX_MESSAGES = 10_000
 
 
 def spout_pachd(bootstrap: str, topic: str, count: int, group: bool = False,
-                profile: str | None = None, script: Path | None = None) -> dict:
+                profile: str | None = None, script: Path | None = None,
+                format: str | None = None) -> dict:
     """spout.py with the 2.x delivery, committing to the pachd double (served from this
     process, so its CPU is not the spout's). A commit lands whole, so the rate counts the
-    messages after the first commit, from it to the last one."""
+    messages after the first commit, from it to the last one. Segment formats are counted
+    by the head commit's record (the sum of its next offsets), and read the whole topic."""
     from pachd_double import PachdDouble, write_pach_config
-    count = min(count, PACHD_MAX_MESSAGES)
+    import spout
+    if not format:
+        count = min(count, PACHD_MAX_MESSAGES)
+
+    def delivered() -> int:
+        if not format:
+            return pachd.file_count("bench")
+        record = spout.record_from_description(pachd.head("bench").description or "")
+        return sum(record[1].values()) if record else 0
     pachd = PachdDouble().start()
     pachd.create_repo("bench")
     with tempfile.TemporaryDirectory() as work:
@@ -408,17 +454,18 @@ def spout_pachd(bootstrap: str, topic: str, count: int, group: bool = False,
                                                           pachd.address)),
                         OUTPUT_REPO="default/bench", LOG_LEVEL="WARNING",
                         MODE="group" if group else "exactly-once",
-                        GROUP_ID=f"bench-{os.getpid()}-{time.time()}")
+                        GROUP_ID=f"bench-{os.getpid()}-{time.time()}",
+                        **segment_settings(format, count))
         process = subprocess.Popen([sys.executable, str(script or SPOUT_SCRIPT)],
                                    env=bench_env(**settings))
         try:
             deadline = time.monotonic() + 600
-            while not (first := pachd.file_count("bench")):
+            while not (first := delivered()):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the 2.x spout delivered nothing")
                 time.sleep(0.002)
             first_at, cpu = time.perf_counter(), proc_cpu(process.pid)
-            while pachd.file_count("bench") < count:
+            while delivered() < count:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the 2.x spout stopped before the last message")
                 time.sleep(0.002)
@@ -433,22 +480,31 @@ def spout_pachd(bootstrap: str, topic: str, count: int, group: bool = False,
 
 PEERS = {"kafka-python": subprocess_row("bare"), "confluent-kafka": subprocess_row("confluent")}
 DELIVERIES = {"spout 1.x pipe": spout_pipe, "spout 2.x pachd": spout_pachd}
+# Segment rows: run at SEGMENT_SIZES only, in marker mode (they count by the record).
+SEGMENT_SIZES = (200, 10 * KIB)
+for _format in ("jsonl", "parquet"):
+    DELIVERIES[f"{_format} 1.x"] = functools.partial(spout_pipe, format=_format)
+    DELIVERIES[f"{_format} 2.x"] = functools.partial(spout_pachd, format=_format)
+SEGMENT_ROWS = ("jsonl 1.x", "jsonl 2.x", "parquet 1.x", "parquet 2.x")
 BASELINE = "kafka-python"
 
 
-def produce_topic(bootstrap: str, size: int, count: int) -> str:
+def produce_topic(bootstrap: str, size: int, count: int, distinct: bool = False) -> str:
     """A new topic holding count messages of size bytes; made by a process of its own, so
-    that the producer's memory does not become the peak RSS that the writers inherit."""
+    that the producer's memory does not become the peak RSS that the writers inherit.
+    distinct: every value its own random bytes (else one value, repeated), so that no
+    compression of the spout's own (Parquet's) finds them alike."""
     return subprocess.run([sys.executable, __file__, "_produce", bootstrap, str(size),
-                           str(count)], capture_output=True, text=True, timeout=600,
-                          check=True).stdout.strip()
+                           str(count)] + (["distinct"] if distinct else []),
+                          capture_output=True, text=True, timeout=600, check=True).stdout.strip()
 
 
-def produce_here(bootstrap: str, size: int, count: int) -> str:
+def produce_here(bootstrap: str, size: int, count: int, distinct: bool = False) -> str:
     from conftest import create_topic, produce
     topic = create_topic(bootstrap, PARTITIONS)
     value = os.urandom(size)
-    produce(bootstrap, topic, ((i % PARTITIONS, None, value) for i in range(count)))
+    produce(bootstrap, topic, ((i % PARTITIONS, None, os.urandom(size) if distinct else value)
+                               for i in range(count)))
     return topic
 
 
@@ -460,7 +516,8 @@ def run_end_to_end(bootstrap: str | None, size: int, count: int, runs: int,
     try:
         address = bootstrap or tansu.bootstrap
         topic = produce_topic(address, size, count)
-        rows = {**PEERS, **DELIVERIES}
+        rows = {name: row for name, row in {**PEERS, **DELIVERIES}.items()
+                if name not in SEGMENT_ROWS or (size in SEGMENT_SIZES and not group)}
         per_row: dict[str, list] = {name: [] for name in rows}
         for _ in range(runs):
             for name, row in rows.items():
@@ -526,22 +583,28 @@ def summarise_stacks(raw: str, top: int = 40) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_memory(bootstrap: str | None, backlog_mib: int = 256) -> dict:
-    """Peak RSS of spout.py, with defaults, draining a backlog of 1 MiB messages."""
+def run_memory(bootstrap: str | None, backlog_mib: int = 256, format: str | None = None,
+               batch_mib: int = 16) -> dict:
+    """Peak RSS of spout.py draining a backlog of 1 MiB messages: with defaults, or with a
+    segment format and batch_mib MiB batches (distinct random values: nothing compresses)."""
     from conftest import Tansu
     tansu = None if bootstrap else Tansu()
     try:
         address = bootstrap or tansu.bootstrap
-        topic = produce_topic(address, MIB, backlog_mib)
+        topic = produce_topic(address, MIB, backlog_mib, distinct=bool(format))
         with tempfile.TemporaryDirectory() as work:
             fifo = os.path.join(work, "out")
             os.mkfifo(fifo)
             reader = subprocess.Popen([sys.executable, __file__, "_drain", fifo,
-                                       str(backlog_mib), "offsets"], stdout=subprocess.PIPE,
-                                      text=True)
+                                       str(backlog_mib), "offsets"] + (["by-marker"] if format
+                                                                       else []),
+                                      stdout=subprocess.PIPE, text=True)
+            settings = {"FORMAT": format, "BATCH_MAX_BYTES": f"{batch_mib}MiB",
+                        "BATCH_MAX_SECONDS": "2"} if format else {}
             process = subprocess.Popen([sys.executable, str(SPOUT_SCRIPT)], env=bench_env(
                 BOOTSTRAP_SERVERS=address, TOPIC=topic, OUTPUT_PIPE=fifo, MARKER="offsets",
-                LOG_LEVEL="WARNING", GROUP_ID=f"bench-{os.getpid()}-{time.time()}"))
+                LOG_LEVEL="WARNING", GROUP_ID=f"bench-{os.getpid()}-{time.time()}",
+                **settings))
             try:
                 reader.stdout.readline()
                 reader.stdout.readline()  # "done": the whole backlog went through
@@ -555,7 +618,51 @@ def run_memory(bootstrap: str | None, backlog_mib: int = 256) -> dict:
     finally:
         if tansu:
             tansu.stop()
-    return {"backlog_mib": backlog_mib, "peak_rss_mib": peak, "limit_mib": 3 * 16 + 150}
+    return {"backlog_mib": backlog_mib, "peak_rss_mib": peak, "limit_mib": 3 * batch_mib + 150,
+            "format": format or "raw", "batch_mib": batch_mib, "delivery": "1.x pipe"}
+
+
+def run_memory_pachd(bootstrap: str | None, backlog_mib: int, format: str,
+                     batch_mib: int) -> dict:
+    """run_memory() through the 2.x delivery into the pachd double (in this process)."""
+    from conftest import Tansu
+    from pachd_double import PachdDouble, write_pach_config
+    import spout
+    tansu = None if bootstrap else Tansu()
+    pachd = PachdDouble().start()
+    pachd.create_repo("bench")
+    try:
+        address = bootstrap or tansu.bootstrap
+        topic = produce_topic(address, MIB, backlog_mib, distinct=True)
+        with tempfile.TemporaryDirectory() as work:
+            process = subprocess.Popen([sys.executable, str(SPOUT_SCRIPT)], env=bench_env(
+                BOOTSTRAP_SERVERS=address, TOPIC=topic, DELIVERY="pfs",
+                PACH_CONFIG=str(write_pach_config(Path(work) / "pachctl.json", pachd.address)),
+                OUTPUT_REPO="default/bench", LOG_LEVEL="WARNING", FORMAT=format,
+                BATCH_MAX_BYTES=f"{batch_mib}MiB", BATCH_MAX_SECONDS="2",
+                GROUP_ID=f"bench-{os.getpid()}-{time.time()}"))
+            try:
+                deadline = time.monotonic() + 600
+                while True:
+                    record = spout.record_from_description(
+                        pachd.head("bench").description or "")
+                    if record and sum(record[1].values()) >= backlog_mib:
+                        break
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the 2.x spout did not deliver the backlog")
+                    time.sleep(0.05)
+                with open(f"/proc/{process.pid}/status") as status:
+                    fields = dict(line.split(":", 1) for line in status)
+                peak = int(fields["VmHWM"].split()[0]) / 1024
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    finally:
+        pachd.stop()
+        if tansu:
+            tansu.stop()
+    return {"backlog_mib": backlog_mib, "peak_rss_mib": peak, "limit_mib": 3 * batch_mib + 150,
+            "format": format, "batch_mib": batch_mib, "delivery": "2.x pachd"}
 
 
 def proc_cpu(pid: int) -> float:
@@ -601,9 +708,10 @@ def main() -> None:
         command, args = sys.argv[1][1:], sys.argv[2:]
         if command == "drain":
             print(json.dumps(drain(args[0], int(args[1]) if len(args) > 1 else 0,
-                                   args[2] if len(args) > 2 else "")))
+                                   args[2] if len(args) > 2 else "",
+                                   args[3:4] == ["by-marker"])))
         elif command == "produce":
-            print(produce_here(args[0], int(args[1]), int(args[2])))
+            print(produce_here(args[0], int(args[1]), int(args[2]), args[3:4] == ["distinct"]))
         elif command in ("bare", "confluent"):
             row = bare_kafka_python if command == "bare" else bare_confluent
             print(json.dumps(row(args[0], args[1], int(args[2]), args[3] == "group")))
@@ -653,6 +761,10 @@ def main() -> None:
         results["rows"] = run_owned(sizes, QUICK if args.quick else COUNTS, args.runs)
     if "memory" in parts:
         results["memory"] = run_memory(args.bootstrap, 64 if args.quick else 256)
+        results["memory_parquet"] = run_memory(args.bootstrap, 128 if args.quick else 256,
+                                               "parquet", 64)
+        results["memory_parquet_pachd"] = run_memory_pachd(
+            args.bootstrap, 128 if args.quick else 256, "parquet", 64)
     if "decode" in parts:   # DECODE's cost per 200 B Avro record: bench/decode.py
         import decode
         results["decode"] = decode.run(args.runs, 50_000 if args.quick else 200_000)
@@ -686,7 +798,8 @@ def print_table(results: dict) -> None:
     if results["end_to_end"]:
         print_end_to_end(results["end_to_end"])
         print(f"(rate and CPU: the spout's against the bare {BASELINE} loop of the same run; "
-              "targets at 200 B and 10 KiB: rate >= 0.90x, CPU <= 1.30x)")
+              "targets at 200 B and 10 KiB: rate >= 0.90x, CPU <= 1.30x; segments, CPU at "
+              "200 B: jsonl 1.x <= 1.3x, jsonl 2.x <= 1.5x, parquet <= 2.0x)")
     if results["rows"]:
         print(f"{'size':>7} {'owned path':>16} {'msg/s':>10} {'MB/s':>8} {'CPU us/msg':>11} "
               f"{'RSS MiB':>8} {'drain CPU':>9}")
@@ -702,10 +815,14 @@ def print_table(results: dict) -> None:
     if results.get("decode"):
         import decode
         decode.print_rows(results["decode"])
-    memory = results.get("memory")
-    if memory:
-        print(f"memory, defaults, backlog of {memory['backlog_mib']} x 1 MiB: peak RSS "
-              f"{memory['peak_rss_mib']:.0f} MiB (target at most {memory['limit_mib']} MiB)")
+    for memory in (results.get("memory"), results.get("memory_parquet"),
+                   results.get("memory_parquet_pachd")):
+        if memory:
+            what = "defaults" if memory.get("format", "raw") == "raw" else \
+                f"FORMAT={memory['format']}, {memory['batch_mib']} MiB batches, " \
+                f"{memory['delivery']}"
+            print(f"memory, {what}, backlog of {memory['backlog_mib']} x 1 MiB: peak RSS "
+                  f"{memory['peak_rss_mib']:.0f} MiB (target at most {memory['limit_mib']} MiB)")
 
 
 if __name__ == "__main__":

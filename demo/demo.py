@@ -3,8 +3,10 @@
 Starts a local Tansu broker and produces a small sample stream (300 messages over 3
 partitions, some keyed). Then runs spout.py twice: into a FIFO read by the test double of
 Pachyderm 1.11.3+'s reader (every commit materialised under demo-out/pipe/commit-NNNN/), and
-through the double of pachd's 2.x PFS API (the head's files under demo-out/pfs/). Prints a
-summary of each and stops everything it started, whatever happens.
+through the double of pachd's 2.x PFS API (the head's files under demo-out/pfs/). Then once
+more through pachd with FORMAT=parquet: one Parquet file per partition and hour, in Hive-style
+folders (demo-out/parquet/), a few rows read back with DuckDB. Prints a summary of each and
+stops everything it started, whatever happens.
 """
 
 from __future__ import annotations
@@ -130,6 +132,55 @@ def pfs_delivery(tansu: Tansu, topic: str, work: Path) -> bool:
         pachd.stop()
 
 
+def parquet_delivery(tansu: Tansu, topic: str, work: Path) -> bool:
+    """FORMAT=parquet through pachd: one file per partition per batch, read back by DuckDB."""
+    import duckdb
+    sys.path.insert(0, str(ROOT))
+    import spout
+    print("\n== FORMAT=parquet through pachd: one file per partition and hour, read by DuckDB")
+    pachd = PachdDouble(token="demo-token").start()
+    try:
+        pachd.create_repo("demo-parquet")
+        config = write_pach_config(work / "pachctl-parquet.json", pachd.address, "demo-token")
+        template = "{topic}/date={date}/hour={hour}/{partition}-{offset:020d}.parquet"
+        env = {**spout_env(tansu, topic, "demo-parquet", PACH_CONFIG=str(config),
+                           OUTPUT_PIPE=str(work / "no-pipe-in-2.x"), OUTPUT_REPO="demo-parquet",
+                           FORMAT="parquet", NAME_TEMPLATE=template),
+               "BATCH_MAX_MESSAGES": "100000", "BATCH_MAX_SECONDS": "1"}
+
+        def delivered() -> int:
+            record = spout.record_from_description(pachd.head("demo-parquet").description)
+            return sum(record[1].values()) if record else 0
+        status = run_spout(env, work, lambda: delivered() >= MESSAGES, "parquet")
+        if status is None:
+            return False
+        files = pachd.head("demo-parquet").files
+        target = OUT / "parquet"
+        for path, data in files.items():
+            (target / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (target / path.lstrip("/")).write_bytes(data)
+        commits = [c for c in pachd.commits("demo-parquet")
+                   if c.description.startswith("kafka-spout")]
+        print(f"spout exited with status {status}")
+        print(f"messages: {MESSAGES}  commits: {len(commits)}  files: {len(files)}")
+        for path in sorted(files):
+            print(f"  {path}  ({len(files[path]):,} bytes)")
+        glob = f"{target}/**/*.parquet"
+        with duckdb.connect() as db:
+            (count,), = db.sql(f"SELECT count(*) FROM read_parquet('{glob}')").fetchall()
+            print(f"DuckDB: SELECT ... FROM read_parquet('{target.relative_to(ROOT)}/**/*.parquet',"
+                  " hive_partitioning = true) ORDER BY \"offset\", partition LIMIT 4")
+            rows = db.sql(f"SELECT partition, \"offset\", timestamp, decode(value), "
+                          f"date, hour FROM read_parquet('{glob}', hive_partitioning = true) "
+                          "ORDER BY \"offset\", partition LIMIT 4").fetchall()
+        for row in rows:
+            print("  " + " | ".join(str(field) for field in row))
+        print(f"rows: {count}")
+        return status == 0 and count == MESSAGES
+    finally:
+        pachd.stop()
+
+
 def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix="kafka-spout-demo-"))
@@ -141,6 +192,7 @@ def main() -> int:
         print(f"produced {MESSAGES} messages to {topic} on {tansu.bootstrap}")
         ok = pipe_delivery(tansu, topic, work)
         ok = pfs_delivery(tansu, topic, work) and ok
+        ok = parquet_delivery(tansu, topic, work) and ok
         return 0 if ok else 1
     finally:
         if tansu is not None:

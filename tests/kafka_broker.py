@@ -202,8 +202,9 @@ class ApacheKafka:
     def _format(self) -> None:
         started = time.monotonic()
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # Attached with '=': an id starting with '-' (1 in 64) is otherwise read as an option.
         result = subprocess.run(self._java(
-            "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
+            "kafka.tools.StorageTool", "format", "--standalone", f"--cluster-id={cluster_id}",
             "-c", str(self.config), "--add-scram",
             f"{SCRAM_MECHANISM}=[name={SCRAM_USER},password={self.scram_password}]"),
             capture_output=True, text=True)

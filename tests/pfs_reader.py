@@ -18,11 +18,13 @@ beside the pipe, as the worker does. Runs in a thread (tests) or as a script (th
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import posixpath
 import random
 import shutil
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -229,6 +231,7 @@ class PfsReader:
         self.restarts = 0
         self.keep_open = keep_open
         self._keeper: int | None = None
+        self._committing = False  # an archive read whole, its commit not yet finished
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -264,6 +267,19 @@ class PfsReader:
     def member_count(self) -> int:
         with self.lock:
             return sum(len(commit.puts) for commit in self.commits)
+
+    def settled(self) -> bool:
+        """keep_open: nothing left in the pipe and no archive read but not yet committed, as
+        after the back-off (10 s or more) with which the worker restarts dead user code: a
+        spout started now sees the marker of every archive its predecessor completed."""
+        keeper = self._keeper
+        if keeper is None:
+            return not self._committing
+        try:
+            unread = int.from_bytes(fcntl.ioctl(keeper, termios.FIONREAD, b"\0" * 4), "little")
+        except OSError:  # swapped for a fresh pipe meanwhile
+            return False
+        return unread == 0 and not self._committing
 
     def snapshot(self) -> dict[str, bytes]:
         with self.lock:
@@ -359,12 +375,14 @@ class PfsReader:
                 self.invalid_paths.extend(bad)
                 self.wedged = True  # the put is retried forever
                 continue
+            self._committing = True
             if self.commit_delay:
                 time.sleep(self.commit_delay)
             commit = self._start_commit()
             for member in members:
                 self._put(commit, member)
             self._finish_commit(commit)
+            self._committing = False
 
     # -- commits
     def _start_commit(self) -> Commit:

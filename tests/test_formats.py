@@ -148,7 +148,7 @@ def test_secrets_come_from_files_and_never_reach_the_log(base, tmp_path, fifo):
     ({"TOPIC": None, "TOPIC_PATTERN": "(unclosed"}, "TOPIC_PATTERN: '(unclosed' is not a "
                                                     "regular expression"),
     ({"FORMAT": "xml"}, "FORMAT: must be one of raw, json, raw+meta"),
-    ({"TOMBSTONES": "keep"}, "TOMBSTONES: keep needs FORMAT=json or raw+meta"),
+    ({"TOMBSTONES": "keep"}, "TOMBSTONES: keep needs FORMAT=json, raw+meta, jsonl or parquet"),
     ({"KAFKA_SASL_PLAIN_PASSWORD_FILE": "/nonexistent/secret"},
      "KAFKA_SASL_PLAIN_PASSWORD_FILE: cannot read /nonexistent/secret"),
     ({"KAFKA_SSL_CAFILE": "/nonexistent/ca.pem", "KAFKA_SECURITY_PROTOCOL": "SSL"},

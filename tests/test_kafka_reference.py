@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (committed_offsets, create_topic, spout_env, start_apache_kafka,
-                      wait_until)
+from conftest import (committed_offsets, create_topic, free_port, spout_commits, spout_env,
+                      start_apache_kafka, wait_until)
+from test_metrics import by_partition, healthz, metrics_env, scrape, serving, unhealthy
 
 pytestmark = pytest.mark.kafka_reference
 
@@ -441,7 +442,9 @@ def test_transactions_deliver_committed_records_only(apache_kafka, spouts, outpu
     ends = end_offsets(bootstrap, topic, partitions)
 
     committed_repo, uncommitted_repo = outputs("committed"), outputs("uncommitted")
-    spout = spouts(spout_env(bootstrap, topic, None, **committed_repo.env))
+    port = free_port()
+    spout = spouts(spout_env(bootstrap, topic, None, HEALTH_MAX_DELIVERY_SECONDS=HEALTH_MAX,
+                             **metrics_env(port), **committed_repo.env))
     # The same topic read_uncommitted shows the aborted records are there to be seen.
     control = spouts(spout_env(bootstrap, topic, None, GROUP_ID=f"u-{topic}",
                                KAFKA_ISOLATION_LEVEL="read_uncommitted",
@@ -449,6 +452,7 @@ def test_transactions_deliver_committed_records_only(apache_kafka, spouts, outpu
     wait_until(lambda: len(committed_repo.files()) >= len(truth), 60, "the committed records")
     wait_until(lambda: len(uncommitted_repo.files()) >= len(everything), 60,
                "every record, read_uncommitted")
+    health = stays_healthy(port, 2 * HEALTH_MAX)
     stop(spout)
     stop(control)
     files = committed_repo.files()
@@ -460,15 +464,17 @@ def test_transactions_deliver_committed_records_only(apache_kafka, spouts, outpu
           f"aborted batches; records in the log {len(everything)} (offsets up to "
           f"{ends}, control records fill the rest); delivered {len(files)} = committed "
           f"{len(truth)}; aborted delivered {len(delivered_aborted)} (read_uncommitted saw "
-          f"{len(aborted)}); group offsets {offsets}, lag at stop {final_lag}")
+          f"{len(aborted)}); group offsets {offsets}, lag at stop {final_lag}; /healthz "
+          f"while idle {health}")
     assert files == truth
     assert not delivered_aborted
     assert aborted and aborted <= set(uncommitted_repo.files().values())
-    # The last record of each partition is followed by its commit marker: the group's
-    # offset is the record after the last delivered one, the high watermark one past it.
-    assert offsets == {p: last_data[p] + 1 for p in range(3)}
-    assert all(ends[p] == offsets[p] + 1 for p in range(3))
+    # The last record of each partition is followed by its commit marker, which the group's
+    # offset passes too (at exit the newest archive, read to its end, is held).
+    assert all(ends[p] == last_data[p] + 2 for p in range(3))
+    assert offsets == ends
     assert final_lag == ["0"]
+    assert not health["waiting"]
 
 
 def truth_offsets(truth: dict):
@@ -476,8 +482,6 @@ def truth_offsets(truth: dict):
         _topic, partition, offset = name.strip("/").rsplit("/", 2)
         yield int(partition), int(offset)
 
-
-# --------------------------------------------------------------------------- compaction
 
 def test_transactions_through_pachd_record_offsets_past_control_records(apache_kafka,
                                                                          spouts, tmp_path):
@@ -500,14 +504,20 @@ def test_transactions_through_pachd_record_offsets_past_control_records(apache_k
 
     pachd = PachdDouble().start()
     pachd.create_repo("out")
+    port = free_port()
     env = spout_env(bootstrap, topic, tmp_path / "no-pipe", DELIVERY="pfs",
-                    PACHD_ADDRESS=pachd.address, OUTPUT_REPO="default/out")
+                    PACHD_ADDRESS=pachd.address, OUTPUT_REPO="default/out",
+                    HEALTH_MAX_DELIVERY_SECONDS=HEALTH_MAX, **metrics_env(port))
     try:
         for number in range(4):
             transaction(b"first-%d" % number, commit=number != 1)
         truth = files_of(topic, read_all(bootstrap, topic, partitions))
+        first_ends = end_offsets(bootstrap, topic, partitions)
         first = spouts(env)
         wait_until(lambda: pachd.file_count("out") >= len(truth), 60, "the committed records")
+        wait_until(lambda: idle_figures(bootstrap, topic, port, first_ends), 15,
+                   "the group's offsets, lag and delivered offsets at the ends", interval=0.2)
+        stays_healthy(port, 2 * HEALTH_MAX)
         stop(first)
         for number in range(4):
             transaction(b"later-%d" % number, commit=number != 2)
@@ -515,7 +525,12 @@ def test_transactions_through_pachd_record_offsets_past_control_records(apache_k
         ends = end_offsets(bootstrap, topic, partitions)
         second = spouts(env)
         wait_until(lambda: pachd.file_count("out") >= len(truth), 60, "the later records")
+        figures = wait_until(lambda: idle_figures(bootstrap, topic, port, ends), 15,
+                             "the group's offsets, lag and delivered offsets at the ends",
+                             interval=0.2)
+        health = stays_healthy(port, 2 * HEALTH_MAX)
         stop(second)
+        group = committed_offsets(bootstrap, f"g-{topic}", topic, partitions)
         head = pachd.head("out")
         _, positions = spout_module.record_from_description(head.description)
         writes = sum(len(c.changed) for c in pachd.commits("out"))
@@ -524,14 +539,235 @@ def test_transactions_through_pachd_record_offsets_past_control_records(apache_k
         pachd.stop()
     print(f"\ntransactions through pachd: {len(truth)} committed records in "
           f"{len(pachd.commits('out')) - 1} commits, {writes} files written, record "
-          f"{ {p: positions[(topic, p)] for p in range(partitions)} } against ends {ends}")
+          f"{ {p: positions[(topic, p)] for p in range(partitions)} } against ends {ends}; "
+          f"idle: {figures}, /healthz {health}; group offsets after stop {group}")
     assert head.files == truth
     assert not [v for v in head.files.values() if v.startswith((b"first-1-", b"later-2-"))]
     assert writes == len(truth)  # nothing written twice across the restart
     last_data = {p: max(o for (q, o) in truth_offsets(truth) if q == p) for p in range(3)}
     for p in range(partitions):
         assert last_data[p] < positions[(topic, p)] <= ends[p]
+    assert group == ends
+    assert not health["waiting"]
 
+
+# --------------------------------------------------------------------------- transactions, idle
+
+# HEALTH_MAX_DELIVERY_SECONDS in these tests: a stall fails /healthz within seconds.
+HEALTH_MAX = 1
+
+
+def write_transactions(bootstrap: str, topic: str, partitions: int, fates: str,
+                       per_partition: int = 10) -> None:
+    """One transaction per letter of fates (c: committed, a: aborted), each with
+    per_partition records on every partition."""
+    from kafka import KafkaProducer
+    producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"tx-{topic}")
+    producer.init_transactions()
+    try:
+        for number, fate in enumerate(fates):
+            producer.begin_transaction()
+            for i in range(per_partition * partitions):
+                producer.send(topic, value=b"%s-%d-%d" % (fate.encode(), number, i),
+                              partition=i % partitions)
+            producer.flush()
+            producer.commit_transaction() if fate == "c" else producer.abort_transaction()
+    finally:
+        producer.close()
+
+
+def idle_figures(bootstrap: str, topic: str, port: int, ends: dict) -> dict | None:
+    """The group's offsets, the delivered offsets and the lag, once all three show the end
+    of every partition (offsets at the ends, lag 0); None before."""
+    group = committed_offsets(bootstrap, f"g-{topic}", topic, len(ends))
+    samples = scrape(port)
+    delivered = by_partition(samples, "kafka_spout_delivered_offset", topic)
+    lag = by_partition(samples, "kafka_spout_consumer_lag", topic)
+    if group == ends and delivered == ends and lag == {p: 0 for p in ends}:
+        return {"group": group, "delivered": {p: int(o) for p, o in delivered.items()},
+                "lag": {p: int(v) for p, v in lag.items()}}
+    return None
+
+
+def stays_healthy(port: int, seconds: float) -> dict:
+    """Asks /healthz for `seconds` (longer than HEALTH_MAX_DELIVERY_SECONDS), failing on any
+    answer but 200; returns the last body."""
+    until = time.monotonic() + seconds
+    while True:
+        status, body = healthz(port)
+        assert status == 200, body
+        if time.monotonic() >= until:
+            return body
+        time.sleep(0.1)  # the pace of the probe, not synchronisation
+
+
+@pytest.mark.parametrize("mode", ["exactly-once", "group"])
+def test_an_idle_transactional_topic_is_caught_up_through_pachd(mode, apache_kafka, spouts,
+                                                               tmp_path):
+    """Every partition ends with an aborted transaction and its markers. Once idle, the
+    group's offsets reach the end offsets, the lag is 0 and /healthz stays 200 past
+    HEALTH_MAX_DELIVERY_SECONDS, with no commit made for it: the record trails by the
+    markers. A restart (group mode: paused until the record is weighed against the group's
+    offset) writes nothing and shows the same."""
+    import spout as spout_module
+    from pachd_double import PachdDouble
+    bootstrap, partitions = apache_kafka.bootstrap, 3
+    topic = create_topic(bootstrap, partitions)
+    write_transactions(bootstrap, topic, partitions, "cacca")
+    truth = files_of(topic, read_all(bootstrap, topic, partitions))
+    ends = end_offsets(bootstrap, topic, partitions)
+    last_data = {p: max(o for (q, o) in truth_offsets(truth) if q == p)
+                 for p in range(partitions)}
+    # After the last committed record: its commit marker, 10 aborted records, their marker.
+    assert all(ends[p] == last_data[p] + 13 for p in range(partitions))
+    pachd = PachdDouble().start()
+    pachd.create_repo("out")
+    port = free_port()
+    env = spout_env(bootstrap, topic, tmp_path / "no-pipe", DELIVERY="pfs", MODE=mode,
+                    PACHD_ADDRESS=pachd.address, OUTPUT_REPO="default/out",
+                    HEALTH_MAX_DELIVERY_SECONDS=HEALTH_MAX, **metrics_env(port))
+    try:
+        first = spouts(env)
+        wait_until(lambda: pachd.file_count("out") >= len(truth), 60, "the committed records")
+        delivered_at = time.monotonic()
+        figures = wait_until(lambda: idle_figures(bootstrap, topic, port, ends), 15,
+                             "the group's offsets, lag and delivered offsets at the ends",
+                             interval=0.2)
+        took = time.monotonic() - delivered_at
+        health = stays_healthy(port, 2 * HEALTH_MAX)
+        stop(first)
+        commits = spout_commits(pachd)
+        head = pachd.head("out")
+        _, record = spout_module.record_from_description(head.description)
+
+        second = spouts(env)
+        wait_until(lambda: serving(port) or second.process.poll() is not None, 20,
+                   "the restarted spout's server")
+        again = wait_until(lambda: idle_figures(bootstrap, topic, port, ends), 15,
+                           "the restarted spout at the ends", interval=0.2)
+        health_again = stays_healthy(port, 2 * HEALTH_MAX)
+        stop(second)
+        after_restart = spout_commits(pachd)
+    finally:
+        pachd.stop()
+    record = {p: record[(topic, p)] for p in range(partitions)}
+    print(f"\nidle transactional topic through pachd, {mode}: ends {ends}, last records "
+          f"{last_data}; {took:.1f}s after the last file: {figures}; /healthz {health}; "
+          f"{len(commits)} commits, record {record}; after a restart: {again}, "
+          f"{len(after_restart) - len(commits)} new commits, /healthz {health_again}")
+    assert head.files == truth
+    assert all(commit.changed for commit in commits)  # no commit without data
+    assert all(last_data[p] < record[p] < ends[p] for p in range(partitions))
+    assert not health["waiting"] and not health_again["waiting"]
+    assert [c.id for c in after_restart] == [c.id for c in commits]
+
+
+def test_an_idle_transactional_topic_is_caught_up_in_marker_mode(apache_kafka, spouts,
+                                                                outputs):
+    """1.x with a marker: the newest archive is held only once the reader moves on, so the
+    group's offsets reach the ends at exit; while idle /healthz stays 200. A restart from
+    the marker (which trails by the markers) writes nothing, and shows the group's offsets
+    at the ends and lag 0."""
+    bootstrap, partitions = apache_kafka.bootstrap, 3
+    topic = create_topic(bootstrap, partitions)
+    write_transactions(bootstrap, topic, partitions, "cacca")
+    truth = files_of(topic, read_all(bootstrap, topic, partitions))
+    ends = end_offsets(bootstrap, topic, partitions)
+    last_data = {p: max(o for (q, o) in truth_offsets(truth) if q == p)
+                 for p in range(partitions)}
+    repo = outputs("marker", marker="offsets")
+    marker_path = Path(repo.env["OUTPUT_PIPE"]).parent / "offsets"
+    port = free_port()
+    env = spout_env(bootstrap, topic, None, MARKER="offsets",
+                    HEALTH_MAX_DELIVERY_SECONDS=HEALTH_MAX, **metrics_env(port), **repo.env)
+    first = spouts(env)
+    wait_until(lambda: repo.files() == truth, 60, "the committed records")
+    health = stays_healthy(port, 2 * HEALTH_MAX)
+    idle_group = committed_offsets(bootstrap, f"g-{topic}", topic, partitions)
+    stop(first)
+    group = committed_offsets(bootstrap, f"g-{topic}", topic, partitions)
+    import spout as spout_module
+    _, marker = spout_module.decode_marker(marker_path.read_bytes())
+    marker = {p: marker[(topic, p)] for p in range(partitions)}
+    archives = len(repo.reader.commits)
+
+    second = spouts(env)
+    wait_until(lambda: serving(port) or second.process.poll() is not None, 20,
+               "the restarted spout's server")
+    again = wait_until(lambda: idle_figures(bootstrap, topic, port, ends), 15,
+                       "the restarted spout at the ends", interval=0.2)
+    health_again = stays_healthy(port, 2 * HEALTH_MAX)
+    stop(second)
+    print(f"\nidle transactional topic, marker mode: ends {ends}, last records {last_data}; "
+          f"while idle /healthz {health}, group offsets {idle_group}; at exit {group}; "
+          f"marker {marker}; after a restart from it: {again}, "
+          f"{len(repo.reader.commits) - archives} new archives, /healthz {health_again}")
+    assert repo.files() == truth
+    assert not health["waiting"] and not health_again["waiting"]
+    assert group == ends
+    assert all(last_data[p] < marker[p] < ends[p] for p in range(partitions))
+    assert len(repo.reader.commits) == archives
+    assert spout_module.decode_marker(marker_path.read_bytes())[1][(topic, 0)] == marker[0]
+
+
+def test_a_transaction_left_open_counts_as_messages_waiting(apache_kafka, spouts, tmp_path):
+    """kafka-python 3.0.12 keeps no last stable offset: records of a transaction left open
+    are lag, and /healthz fails once they wait past HEALTH_MAX_DELIVERY_SECONDS; the
+    group's offsets stand at the open transaction's first record. Committed, it is
+    delivered and all is back at the ends."""
+    from kafka import KafkaProducer
+    from pachd_double import PachdDouble
+    bootstrap, partitions = apache_kafka.bootstrap, 3
+    topic = create_topic(bootstrap, partitions)
+    write_transactions(bootstrap, topic, partitions, "ca")
+    stable = end_offsets(bootstrap, topic, partitions)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"open-{topic}")
+    producer.init_transactions()
+    producer.begin_transaction()
+    for i in range(5 * partitions):
+        producer.send(topic, value=b"open-%d" % i, partition=i % partitions)
+    producer.flush()
+    pachd = PachdDouble().start()
+    pachd.create_repo("out")
+    port = free_port()
+    env = spout_env(bootstrap, topic, tmp_path / "no-pipe", DELIVERY="pfs",
+                    PACHD_ADDRESS=pachd.address, OUTPUT_REPO="default/out",
+                    HEALTH_MAX_DELIVERY_SECONDS=HEALTH_MAX, **metrics_env(port))
+    try:
+        spout = spouts(env)
+        wait_until(lambda: pachd.file_count("out") >= 10 * partitions, 60,
+                   "the committed records")
+        delivered_at = time.monotonic()
+        body = wait_until(lambda: unhealthy(port, spout, "while messages wait"), 20,
+                          "/healthz to count the open transaction as waiting")
+        failed_after = time.monotonic() - delivered_at
+        samples = scrape(port)
+        lag = by_partition(samples, "kafka_spout_consumer_lag", topic)
+        delivered = by_partition(samples, "kafka_spout_delivered_offset", topic)
+        group = wait_until(lambda: (lambda offsets: offsets if offsets == stable else None)(
+            committed_offsets(bootstrap, f"g-{topic}", topic, partitions)), 10,
+            "the group's offsets at the open transaction", interval=0.2)
+        producer.commit_transaction()
+        ends = end_offsets(bootstrap, topic, partitions)
+        wait_until(lambda: pachd.file_count("out") >= 15 * partitions, 60,
+                   "the records of the transaction once committed")
+        figures = wait_until(lambda: idle_figures(bootstrap, topic, port, ends), 15,
+                             "the group's offsets, lag and delivered offsets at the ends",
+                             interval=0.2)
+        health = stays_healthy(port, 2 * HEALTH_MAX)
+        stop(spout)
+    finally:
+        producer.close()
+        pachd.stop()
+    print(f"\na transaction left open: stable up to {stable}; /healthz 503 "
+          f"{failed_after:.1f}s after the last file: {body['reasons']}; lag {lag}, "
+          f"delivered {delivered}, group {group}; committed: {figures}, /healthz {health}")
+    assert lag == {p: 5 for p in range(partitions)}
+    assert delivered == stable and group == stable
+    assert not health["waiting"]
+
+
+# --------------------------------------------------------------------------- compaction
 
 def test_compacted_topic_ends_as_the_latest_value_per_key(apache_kafka, spouts, outputs):
     from kafka import KafkaAdminClient

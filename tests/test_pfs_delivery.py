@@ -87,14 +87,31 @@ def test_mixed_sizes_land_one_commit_per_batch_and_offsets_follow(broker, pachd,
           f"commits/message={len(commits) / len(sizes):.4f}")
 
 
-def test_chaos_sigkill_every_message_in_exactly_one_commit(broker, pachd, tmp_path, spouts):
+def held_rows(pachd) -> list:
+    """((partition, offset), value) of every row of every segment at the head."""
+    from test_segments import segment_rows
+    return [((row["partition"], row["offset"]), row["value"])
+            for path, data in pachd.head(REPO).files.items() for row in segment_rows(path, data)]
+
+
+@pytest.mark.parametrize("format", ["raw", "parquet"])
+def test_chaos_sigkill_every_message_in_exactly_one_commit(broker, pachd, tmp_path, spouts,
+                                                           format):
     """SIGKILL at random moments, mid-stream, and between FinishCommit and its answer."""
     topic = create_topic(broker, 3)
     total = 3000
     produce(broker, topic, [(i % 3, None, b"m-%d" % i) for i in range(total)])
     truth = read_back(broker, topic, total)
     expected = expected_paths(topic, truth)
-    env = pfs_env(broker, topic, pachd, tmp_path, BATCH_MAX_MESSAGES=60)
+    env = pfs_env(broker, topic, pachd, tmp_path, BATCH_MAX_MESSAGES=60, FORMAT=format)
+    if format == "raw":
+        def delivered():
+            return len(pachd.head(REPO).files)
+    else:  # a segment holds many messages, each in one row
+        expected = truth
+
+        def delivered():
+            return len(held_rows(pachd))
     rng = random.Random(11)
     kills = []
     for moment in ["random", "mid-stream", "finish-unanswered", "random", "mid-stream",
@@ -117,19 +134,21 @@ def test_chaos_sigkill_every_message_in_exactly_one_commit(broker, pachd, tmp_pa
         pachd.delay_finish_reply(0)
         kills.append(moment)
     final = spouts(env)
-    wait_until(lambda: len(pachd.head(REPO).files) >= len(expected) or final.process.poll(),
+    wait_until(lambda: delivered() >= len(expected) or final.process.poll(),
                120, "every message", interval=0.2)
     final.signal(signal.SIGTERM)
     assert final.wait(10) == 0, final.log
-    files = head_files(pachd)
+    files = head_files(pachd) if format == "raw" else dict(held_rows(pachd))
     missing = set(expected) - set(files)
     assert not missing
     assert files == expected
+    if format != "raw":
+        assert len(held_rows(pachd)) == total, "a message is in two rows"
     assert_each_file_written_once(pachd)
     assert all(c.finished for c in pachd.commits(REPO))
     commits = spout_commits(pachd)
-    print(f"kills={len(kills)} messages={total} commits={len(commits)} missing={len(missing)} "
-          f"doubled=0 commits/message={len(commits) / total:.4f}")
+    print(f"format={format} kills={len(kills)} messages={total} commits={len(commits)} "
+          f"missing={len(missing)} doubled=0 commits/message={len(commits) / total:.4f}")
 
 
 def test_pachd_away_and_back_mid_stream(broker, pachd, tmp_path, spouts):

@@ -107,7 +107,9 @@ def test_sigterm_without_a_reader_exits_and_commits_nothing(broker, topic, fifo,
     spout = spouts(spout_env(broker, topic, fifo, BATCH_MAX_SECONDS=0.1))
     wait_until(lambda: "polled" in spout.log, 30, "the spout to consume")
     assert stop_cleanly(spout) < 10
-    assert committed_offsets(broker, f"g-{topic}", topic) == {0: None, 1: None, 2: None}
+    # Nothing past what Pachyderm holds: at most where the partitions started (committed
+    # for a partition with nothing waiting, once all polled before it is held).
+    assert set(committed_offsets(broker, f"g-{topic}", topic).values()) <= {None, 0}
 
 
 def test_an_unreachable_broker_is_named_and_retried_until_sigterm(fifo, spouts):

@@ -729,8 +729,8 @@ def registry_settings(values: dict, sources: Mapping[str, str]) -> dict[str, obj
     if "schema_registry_url" not in found:
         raise ConfigError(sources["schema_registry_url"], "required with DECODE="
                           f"{','.join(decode)}")
-    if values.get("format", "raw") in SEGMENT_FORMATS:
-        raise ConfigError(sources["decode"], f"not supported yet with FORMAT={values['format']}")
+    if values.get("format", "raw") == "parquet":
+        raise ConfigError(sources["decode"], "not supported yet with FORMAT=parquet")
     if "key" in decode and values.get("format", "raw") == "raw":
         raise ConfigError(sources["decode"], "key,value needs FORMAT=json or raw+meta: a raw "
                           "file holds the value only")
@@ -1857,27 +1857,37 @@ def dead_letter_files(record, mtime: int) -> list[tuple[str, bytes, int]]:
             (name + ".json", json.dumps(sidecar, ensure_ascii=False).encode(), mtime)]
 
 
+def decoded_metadata(record, keys: bool) -> dict:
+    """A decoded record's metadata: FORMAT=json's, with the decoded key and key_schema_id
+    when keys are decoded."""
+    document = record_metadata(record)
+    if keys:
+        document["key"] = record.key_document if record.key_document is not None \
+            else document["key"]
+        document["key_schema_id"] = record.key_schema_id
+    return document
+
+
+def decoded_document(record, keys: bool) -> dict:
+    """FORMAT=json's document of a decoded record (FORMAT=jsonl's line): the metadata, the
+    decoded value and value_schema_id."""
+    document = decoded_metadata(record, keys)
+    document["value"] = record.document
+    document["value_schema_id"] = record.schema_id
+    return document
+
+
 def decoded_shape(format: str, keys: bool, on_bad_record: str) -> Callable:
     """DECODE's counterpart of FORMATS: (name, DecodedRecord, mtime) -> files. raw: the value
     as a JSON document; json: the metadata with the decoded value and value_schema_id;
     raw+meta: the JSON document, and the sidecar with value_schema_id."""
-
-    def metadata(record) -> dict:
-        document = record_metadata(record)
-        if keys:
-            document["key"] = record.key_document if record.key_document is not None \
-                else document["key"]
-            document["key_schema_id"] = record.key_schema_id
-        return document
 
     def shape(name: str, record, mtime: int) -> list[tuple[str, bytes, int]]:
         if record.problem is not None:
             return dead_letter_files(record, mtime) if on_bad_record == "dead-letter" else []
         if format == "raw":
             return [(name, document_json(record.document), mtime)]
-        document = metadata(record)
-        document["value"] = record.document
-        document["value_schema_id"] = record.schema_id
+        document = decoded_document(record, keys)
         if format == "json":
             return [(name, document_json(document), mtime)]
         del document["value"]
@@ -1933,13 +1943,18 @@ def json_lines(records: Iterable) -> str:
 
 
 class JsonLinesWriter:
-    """FORMAT=jsonl: a segment's records, one FORMAT=json document a line, in their order."""
+    """FORMAT=jsonl: a segment's records, one FORMAT=json document a line, in their order.
+    With DECODE, DecodedRecords, each line FORMAT=json's decoded document."""
 
     def __init__(self, config: Config):
-        pass
+        self.decoded_keys = "key" in config.decode if config.decode else None
 
     def encode(self, records: Sequence) -> bytes:
-        return json_lines(records).encode()
+        if self.decoded_keys is None:
+            return json_lines(records).encode()
+        keys = self.decoded_keys
+        return b"".join(document_json(decoded_document(record, keys)) + b"\n"
+                        for record in records)
 
 
 class ParquetWriter:
@@ -2995,6 +3010,10 @@ class Segments(Batcher):
         super().__init__(config, stats, ship)
         self.writer = SEGMENT_WRITERS[config.format](config)
         self.rows: dict = {}   # TopicPartition -> the open batch's records to write
+        # DECODE: bad records are no rows; ON_BAD_RECORD=dead-letter gives them files of
+        # their own under _errors/, in the same batch.
+        self.decoded = bool(config.decode)
+        self.dead_letters = config.on_bad_record == "dead-letter"
 
     def add(self, records: Mapping) -> None:
         limit_messages = self.rotation.max_messages
@@ -3035,6 +3054,8 @@ class Segments(Batcher):
             self.stats.tombstones += 1
             if not self.keep_tombstones:
                 piece = ()
+        if self.decoded and any(record.problem is not None for record in piece):
+            piece = self._set_aside(tp, piece)
         rows = self.rows.get(tp)
         if rows is None:
             rows = self.rows[tp] = []
@@ -3042,6 +3063,19 @@ class Segments(Batcher):
         if batch.records >= self.rotation.max_messages or \
                 batch.data_bytes >= self.rotation.max_bytes:
             self.ship()
+
+    def _set_aside(self, tp, piece: Sequence) -> list:
+        """The piece's good records; its bad ones' dead letters (if any) join the batch."""
+        batch = self.batch
+        good = []
+        for record in piece:
+            if record.problem is None:
+                good.append(record)
+            elif self.dead_letters:
+                for member in dead_letter_files(record, max(record.timestamp, 0) // 1000):
+                    batch.members.append(member)
+                    batch.partitions.append(tp)
+        return good
 
     def take(self) -> Batch:
         """Writes the open batch's segments: one partition at a time, each partition's
@@ -3084,7 +3118,7 @@ class Segments(Batcher):
             self.rows.pop(tp, None)
         dropped = self.batch.drop(partitions)
         self.batch.data_bytes = sum(len(record.value or b"") for rows in self.rows.values()
-                                    for record in rows)
+                                    for record in rows) + self.batch.data_bytes  # dead letters
         self.batch.records = sum(map(len, self.rows.values())) if self.batch.offsets else 0
         return dropped
 

@@ -205,6 +205,68 @@ def test_avro_values_and_keys_land_decoded_with_bad_ones_dead_lettered(
     assert positions == {(topic, 0): 10}
 
 
+
+def delivered(pachd, topic: str) -> int | None:
+    """The next offset of partition 0 that the head commit's record holds."""
+    record = spout.record_from_description(pachd.head(PACH_REPO).description)
+    return None if record is None else record[1].get((topic, 0))
+
+
+def decoded_rows(files: dict, topic: str, suffix: str) -> list[str]:
+    """The segment files of the topic's partition 0, by first offset."""
+    return sorted(path for path in files if path.startswith(f"/{topic}/0/") and
+                  path.endswith(suffix))
+
+
+def test_jsonl_lines_are_the_decoded_json_documents_and_dead_letters_files_beside(
+        broker, registry, proxy, pachd, tmp_path, spouts):
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+    from conftest import spout_commits
+    topic = create_topic(broker, 1)
+    registry_client = client(registry)
+    v1 = AvroSerializer(registry_client, json.dumps(ORDER_V1))
+    keys = AvroSerializer(registry_client, '"string"')
+    ctx, key_ctx = context(topic), context(topic, "key")
+    values = [(keys("k0", key_ctx), v1(order(0), ctx)),
+              (keys("k1", key_ctx), v1(order(1, note="é"), ctx)),
+              (keys("k2", key_ctx), None),                      # a tombstone, kept
+              (b"plain key", b"plain bytes, no framing"),       # no magic byte
+              (None, v1(order(4), ctx))]
+    produce(broker, topic, [(0, key, data) for key, data in values])
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path, DECODE="key,value",
+                             FORMAT="jsonl", TOMBSTONES="keep", BATCH_MAX_SECONDS=1,
+                             SCHEMA_REGISTRY_URL=proxy().url))
+    wait_until(lambda: delivered(pachd, topic) == 5 or process.process.poll() is not None,
+               60, "offset 5 delivered", interval=0.1)
+    stop(process)
+    files = files_of(pachd)
+    lines = [json.loads(line) for path in decoded_rows(files, topic, ".jsonl")
+             for line in files[path].decode().splitlines()]
+    id_v1 = spout._SCHEMA_ID.unpack_from(values[0][1], 1)[0]
+    id_key = spout._SCHEMA_ID.unpack_from(values[0][0], 1)[0]
+    assert [line["offset"] for line in lines] == [0, 1, 2, 4]
+    # Each line is FORMAT=json's decoded document, keys in the same order.
+    assert list(lines[0]) == ["topic", "partition", "offset", "timestamp", "timestamp_type",
+                              "key", "headers", "key_schema_id", "value", "value_schema_id"]
+    assert lines[0]["value"] == {
+        "id": 0, "note": None, "amount": 1.5, "at": "2024-11-24T09:50:00.123000Z",
+        "at_us": "2024-11-24T09:50:00.123456Z", "day": "2024-02-29", "price": "1234.50",
+        "ref": "00000000-0000-0000-0000-000000000000", "blob": {"base64": "AP8="},
+        "tags": {"a": 1}, "state": "NEW"}
+    assert (lines[0]["key"], lines[0]["key_schema_id"], lines[0]["value_schema_id"]) == \
+        ("k0", id_key, id_v1)
+    assert lines[1]["value"]["note"] == "é"
+    assert (lines[2]["key"], lines[2]["value"], lines[2]["value_schema_id"]) == \
+        ("k2", None, None)
+    assert (lines[3]["key"], lines[3]["key_schema_id"]) == (None, None)
+    # The bad record: its own files under _errors/, in the commit of its neighbours' segment.
+    dead = f"/_errors/{topic}/0/{3:020d}"
+    assert files[dead] == values[3][1]
+    assert json.loads(files[dead + ".json"])["reason"] == "no-magic-byte"
+    commit = next(c for c in spout_commits(pachd) if dead in c.changed)
+    assert any(path.endswith(".jsonl") for path in commit.changed)
+
+
 # -- Protobuf: message indexes (a nested, non-first message), imports registered as subjects,
 #    and both forms the registry gives back: base64 FileDescriptorProto and .proto text
 

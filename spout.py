@@ -729,8 +729,6 @@ def registry_settings(values: dict, sources: Mapping[str, str]) -> dict[str, obj
     if "schema_registry_url" not in found:
         raise ConfigError(sources["schema_registry_url"], "required with DECODE="
                           f"{','.join(decode)}")
-    if values.get("format", "raw") == "parquet":
-        raise ConfigError(sources["decode"], "not supported yet with FORMAT=parquet")
     if "key" in decode and values.get("format", "raw") == "raw":
         raise ConfigError(sources["decode"], "key,value needs FORMAT=json or raw+meta: a raw "
                           "file holds the value only")
@@ -1979,6 +1977,15 @@ class ParquetWriter:
         pa = self.pa
         return pa.field("value", pa.binary()), pa.array(list(map(_VALUE, records)), pa.binary())
 
+    def key_column(self, records: Sequence) -> tuple:
+        """The key column's field and array."""
+        pa = self.pa
+        return pa.field("key", pa.binary()), pa.array(list(map(_KEY, records)), pa.binary())
+
+    def extra_columns(self, records: Sequence) -> list[tuple]:
+        """Columns after headers, as (field, array): none here."""
+        return []
+
     def headers_column(self, records: Sequence):
         pa = self.pa
         ends, keys, values = [0], [], []
@@ -2002,21 +2009,23 @@ class ParquetWriter:
         if min(timestamps) < 0:  # -1: Kafka has no timestamp for the message
             timestamps = [None if timestamp < 0 else timestamp for timestamp in timestamps]
         value_field, values = self.value_column(records)
+        key_field, keys = self.key_column(records)
+        extra = self.extra_columns(records)
         fields = [pa.field("topic", pa.string(), nullable=False),
                   pa.field("partition", pa.int32(), nullable=False),
                   pa.field("offset", pa.int64(), nullable=False),
                   pa.field("timestamp", self.timestamp_type),
                   pa.field("timestamp_type", pa.string()),
-                  pa.field("key", pa.binary()), value_field,
-                  pa.field("headers", self.headers_type, nullable=False)]
+                  key_field, value_field,
+                  pa.field("headers", self.headers_type, nullable=False)] + \
+            [field for field, _ in extra]
         columns = [pa.array([first.topic] * count, pa.string()),
                    pa.array([first.partition] * count, pa.int32()),
                    pa.array(list(map(_OFFSET, records)), pa.int64()),
                    pa.array(timestamps, self.timestamp_type),
                    pa.array([TIMESTAMP_TYPES.get(record.timestamp_type) for record in records],
                             pa.string()),
-                   pa.array(list(map(_KEY, records)), pa.binary()), values,
-                   self.headers_column(records)]
+                   keys, values, self.headers_column(records)] + [array for _, array in extra]
         return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
     def encode(self, records: Sequence) -> bytes:
@@ -2057,6 +2066,227 @@ def fix_malloc_mmap_threshold(threshold: int = 128 * 1024) -> None:
     except (OSError, AttributeError):
         return
     mallopt(-3, threshold)   # M_MMAP_THRESHOLD in glibc's malloc.h
+
+
+class DecodedParquetWriter(ParquetWriter):
+    """FORMAT=parquet with DECODE: the value a typed column built from the writer schema
+    (Avro and Protobuf: a struct of the record's or message's fields; JSON Schema: the
+    document as JSON text), value_schema_id beside it; decoded keys as JSON text with
+    key_schema_id. Every file holds one writer schema (and Protobuf message type):
+    Segments starts a new file where schema_key() changes."""
+
+    def __init__(self, config: Config, schemas: SchemaCache):
+        super().__init__(config)
+        self.schemas = schemas
+        self.keys = "key" in config.decode
+        self.value_types: dict = {}   # schema_key -> (Arrow type, converter or None)
+        self.file_key = None
+
+    def schema_key(self, record):
+        """What decides the value column's type: the schema id, and for Protobuf the message
+        type's indexes; None for a kept tombstone, which goes with any."""
+        schema_id = record.schema_id
+        if schema_id is None or record.value is None:
+            return None
+        schema = self.schemas.schemas[schema_id]
+        if schema.schema_type == "PROTOBUF":
+            return schema_id, tuple(read_message_indexes(record.value, 5, schema_id)[0])
+        return schema_id, ()
+
+    def value_type(self, key) -> tuple:
+        found = self.value_types.get(key)
+        if found is None:
+            pa = self.pa
+            if key is None:
+                found = (pa.null(), None)
+            else:
+                schema = self.schemas.schemas[key[0]]
+                if schema.schema_type == "AVRO":
+                    found = avro_arrow_type(pa, schema.parsed,
+                                            schema.parsed.get("__named_schemas", {}), ())
+                elif schema.schema_type == "PROTOBUF":
+                    found = protobuf_arrow_type(
+                        pa, schema._message_class(list(key[1])).DESCRIPTOR, ())
+                else:
+                    found = (pa.string(), _json_text)
+            self.value_types[key] = found
+        return found
+
+    def encode(self, records: Sequence) -> bytes:
+        # The file's one schema: a row group of tombstones alone has the same columns.
+        self.file_key = next((key for key in map(self.schema_key, records) if key is not None),
+                             None)
+        return super().encode(records)
+
+    def value_column(self, records: Sequence) -> tuple:
+        pa = self.pa
+        arrow_type, convert = self.value_type(self.file_key)
+        documents = [record.document for record in records]
+        if convert is not None:
+            documents = [None if document is None else convert(document)
+                         for document in documents]
+        return pa.field("value", arrow_type), pa.array(documents, arrow_type)
+
+    def key_column(self, records: Sequence) -> tuple:
+        if not self.keys:
+            return super().key_column(records)
+        pa = self.pa
+        return pa.field("key", pa.string()), pa.array(
+            [None if record.key is None else _json_text(record.key_document)
+             for record in records], pa.string())
+
+    def extra_columns(self, records: Sequence) -> list[tuple]:
+        pa = self.pa
+        columns = [(pa.field("value_schema_id", pa.int32()),
+                    pa.array([record.schema_id for record in records], pa.int32()))]
+        if self.keys:
+            columns.append((pa.field("key_schema_id", pa.int32()),
+                            pa.array([record.key_schema_id for record in records], pa.int32())))
+        return columns
+
+
+def _json_text(document) -> str:
+    return _DOCUMENT_ENCODER.encode(document)
+
+
+def _record_converter(converters: dict) -> Callable | None:
+    """A converter for a dict whose named members need one; None if none does."""
+    if not converters:
+        return None
+    items = list(converters.items())
+
+    def convert(document):
+        if document is None:
+            return None
+        document = dict(document)
+        for name, member in items:
+            value = document.get(name)
+            if value is not None:
+                document[name] = member(value)
+        return document
+    return convert
+
+
+def _list_converter(member: Callable | None) -> Callable | None:
+    return None if member is None else (lambda values: [None if value is None else
+                                                        member(value) for value in values])
+
+
+def _map_converter(member: Callable | None) -> Callable | None:
+    return None if member is None else (lambda values: {key: None if value is None else
+                                                        member(value)
+                                                        for key, value in values.items()})
+
+
+_AVRO_PRIMITIVES = {"null": "null", "boolean": "bool_", "int": "int32", "long": "int64",
+                    "float": "float32", "double": "float64", "bytes": "binary",
+                    "string": "string"}
+
+
+def avro_arrow_type(pa, node, named: Mapping, within: tuple) -> tuple:
+    """(Arrow type, converter or None) for a node of a fastavro-parsed schema: records as
+    structs, arrays as lists, maps as maps, enums as strings, fixed as fixed-size binary,
+    logical types as Arrow's timestamp, date, time, decimal, uuid as a string. A union of
+    one type and null is that type; of several, and a record within itself, JSON text.
+    within: the record names being expanded (a recursive record ends there)."""
+    if isinstance(node, str):
+        if node in _AVRO_PRIMITIVES:
+            return getattr(pa, _AVRO_PRIMITIVES[node])(), None
+        if node in within:
+            return pa.string(), _json_text
+        return avro_arrow_type(pa, named[node], named, within)
+    if isinstance(node, list):
+        branches = [branch for branch in node if branch != "null"]
+        if len(branches) == 1:
+            return avro_arrow_type(pa, branches[0], named, within)
+        if not branches:
+            return pa.null(), None
+        return pa.string(), _json_text
+    logical, kind = node.get("logicalType"), node["type"]
+    if logical in ("timestamp-millis", "timestamp-micros", "local-timestamp-millis",
+                   "local-timestamp-micros") and kind == "long":
+        return pa.timestamp("ms" if logical.endswith("millis") else "us",
+                            None if logical.startswith("local") else "UTC"), None
+    if logical == "date" and kind == "int":
+        return pa.date32(), None
+    if logical == "time-millis" and kind == "int":
+        return pa.time32("ms"), None
+    if logical == "time-micros" and kind == "long":
+        return pa.time64("us"), None
+    if logical == "decimal" and kind in ("bytes", "fixed"):
+        precision, scale = node["precision"], node.get("scale", 0)
+        return (pa.decimal128 if precision <= 38 else pa.decimal256)(precision, scale), None
+    if logical == "uuid" and kind == "string":
+        return pa.string(), str
+    if kind == "record":
+        within = within + (node["name"],)
+        fields, converters = [], {}
+        for field in node["fields"]:
+            arrow_type, convert = avro_arrow_type(pa, field["type"], named, within)
+            fields.append(pa.field(field["name"], arrow_type))
+            if convert is not None:
+                converters[field["name"]] = convert
+        return pa.struct(fields), _record_converter(converters)
+    if kind == "enum":
+        return pa.string(), None
+    if kind == "fixed":
+        return pa.binary(node["size"]), None
+    if kind == "array":
+        item, convert = avro_arrow_type(pa, node["items"], named, within)
+        return pa.list_(item), _list_converter(convert)
+    if kind == "map":
+        item, convert = avro_arrow_type(pa, node["values"], named, within)
+        return pa.map_(pa.string(), item), _map_converter(convert)
+    return avro_arrow_type(pa, kind, named, within)   # {"type": "long"}, a logical unknown
+
+
+# FieldDescriptor.TYPE_* to Arrow; 14 (enum) and 10/11 (group, message) apart.
+_PROTOBUF_SCALARS = {1: "float64", 2: "float32", 3: "int64", 4: "uint64", 5: "int32",
+                     6: "uint64", 7: "uint32", 8: "bool_", 9: "string", 12: "binary",
+                     13: "uint32", 15: "int32", 16: "int64", 17: "int32", 18: "int64"}
+# Well-known messages protobuf_document() gives as JSON-like values: JSON text here.
+_PROTOBUF_AS_JSON = ("google.protobuf.Struct", "google.protobuf.Value",
+                     "google.protobuf.ListValue", "google.protobuf.Duration",
+                     "google.protobuf.FieldMask", "google.protobuf.Any")
+
+
+def protobuf_arrow_type(pa, message, within: tuple) -> tuple:
+    """(Arrow type, converter or None) for a message descriptor, as protobuf_document()
+    gives its values: a struct of its fields by .proto name."""
+    within = within + (message.full_name,)
+    fields, converters = [], {}
+    for field in message.fields:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            key_type, _ = _protobuf_field_type(pa, field.message_type.fields_by_name["key"],
+                                               within)
+            value_type, convert = _protobuf_field_type(
+                pa, field.message_type.fields_by_name["value"], within)
+            arrow_type, convert = pa.map_(key_type, value_type), _map_converter(convert)
+        else:
+            arrow_type, convert = _protobuf_field_type(pa, field, within)
+            if field.is_repeated:
+                arrow_type, convert = pa.list_(arrow_type), _list_converter(convert)
+        fields.append(pa.field(field.name, arrow_type))
+        if convert is not None:
+            converters[field.name] = convert
+    return pa.struct(fields), _record_converter(converters)
+
+
+def _protobuf_field_type(pa, field, within: tuple) -> tuple:
+    if field.enum_type is not None:   # names; a number the schema does not know as text
+        return pa.string(), str
+    message = field.message_type
+    if message is None:
+        return getattr(pa, _PROTOBUF_SCALARS[field.type])(), None
+    name = message.full_name
+    if name == "google.protobuf.Timestamp":
+        return pa.timestamp("us", "UTC"), None
+    if name in _PROTOBUF_AS_JSON or name in within:
+        return pa.string(), _json_text
+    if name.startswith("google.protobuf.") and name.endswith("Value") and \
+            "value" in message.fields_by_name:
+        return _protobuf_field_type(pa, message.fields_by_name["value"], within)
+    return protobuf_arrow_type(pa, message, within)
 
 
 SEGMENT_WRITERS = {"jsonl": JsonLinesWriter, "parquet": ParquetWriter}
@@ -3006,9 +3236,12 @@ class Segments(Batcher):
     the template, one file per partition and hour of the messages' own timestamps, so that
     no file mixes two hours (Kafka Connect's TimeBasedPartitioner)."""
 
-    def __init__(self, config: Config, stats: Stats, ship: Callable[[], None]):
+    def __init__(self, config: Config, stats: Stats, ship: Callable[[], None],
+                 schemas: SchemaCache | None = None):
         super().__init__(config, stats, ship)
-        self.writer = SEGMENT_WRITERS[config.format](config)
+        self.writer = DecodedParquetWriter(config, schemas) \
+            if config.decode and config.format == "parquet" \
+            else SEGMENT_WRITERS[config.format](config)
         self.rows: dict = {}   # TopicPartition -> the open batch's records to write
         # DECODE: bad records are no rows; ON_BAD_RECORD=dead-letter gives them files of
         # their own under _errors/, in the same batch.
@@ -3103,15 +3336,20 @@ class Segments(Batcher):
         if not records:
             return ()
         if not self.names.uses_time:
-            return (records,)
-        hours: dict[int, list] = {}
-        for record in records:
-            hour = max(record.timestamp, 0) // 3_600_000
-            group = hours.get(hour)
-            if group is None:
-                group = hours[hour] = []
-            group.append(record)
-        return hours.values()
+            groups: Iterable[list] = (records,)
+        else:
+            hours: dict[int, list] = {}
+            for record in records:
+                hour = max(record.timestamp, 0) // 3_600_000
+                group = hours.get(hour)
+                if group is None:
+                    group = hours[hour] = []
+                group.append(record)
+            groups = hours.values()
+        schema_key = getattr(self.writer, "schema_key", None)
+        if schema_key is None:
+            return groups
+        return [run for group in groups for run in schema_runs(group, schema_key)]
 
     def drop(self, partitions: set) -> dict:
         for tp in partitions:
@@ -3123,9 +3361,27 @@ class Segments(Batcher):
         return dropped
 
 
-def make_batcher(config: Config, stats: Stats, ship: Callable[[], None]) -> Batcher:
+def schema_runs(records: list, schema_key: Callable) -> list[list]:
+    """Records in runs of one schema_key, in their order: a file per writer schema, named by
+    its first offset. A record whose key is None (a kept tombstone) joins the run it is in."""
+    runs: list[list] = []
+    current = None
+    for record in records:
+        key = schema_key(record)
+        if runs and (key is None or key == current or current is None):
+            runs[-1].append(record)
+            if current is None:
+                current = key
+        else:
+            runs.append([record])
+            current = key
+    return runs
+
+
+def make_batcher(config: Config, stats: Stats, ship: Callable[[], None],
+                 schemas: SchemaCache | None = None) -> Batcher:
     if config.format in SEGMENT_FORMATS:
-        return Segments(config, stats, ship)
+        return Segments(config, stats, ship, schemas)
     return MessageFiles(config, stats, ship)
 
 
@@ -3184,7 +3440,8 @@ class Spout:
         self.decoding = Decoding(config, stop) if config.decode else None
         self.abandoned = False   # a batch was given up: nothing after it may be delivered
         self.stats = Stats()
-        self.batcher = make_batcher(config, self.stats, self.flush)
+        self.batcher = make_batcher(config, self.stats, self.flush,
+                                    self.decoding.schemas if self.decoding else None)
         self.uncommitted: dict = {}
         # TopicPartition -> the next offset such that Pachyderm holds every record before it
         # that read_committed returns: what the group's offset may move to.

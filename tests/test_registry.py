@@ -537,3 +537,140 @@ def test_registry_outage_mid_batch_waits_and_writes_nothing_undecoded(
                  for offset in range(4)]
     assert documents == ["before", "during", {"n": 7}, "after"]
     assert "unreachable" in process.log and "answers again" in process.log
+
+
+# -- FORMAT=parquet: typed value columns, one writer schema per file, read by pyarrow and DuckDB
+
+def parquet_files(files: dict, topic: str) -> dict:
+    """The topic's partition 0 segments as tables, by first offset."""
+    import io
+
+    import pyarrow.parquet as pq
+    return {int(path.rsplit("/", 1)[1].split(".")[0]): pq.read_table(io.BytesIO(files[path]))
+            for path in decoded_rows(files, topic, ".parquet")}
+
+
+def test_parquet_avro_values_typed_one_schema_per_file_evolution_read_together(
+        broker, registry, proxy, pachd, tmp_path, spouts):
+    import duckdb
+    import pyarrow as pa
+    from confluent_kafka.schema_registry import Schema, SchemaReference
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+    topic = create_topic(broker, 1)
+    registry_client = client(registry)
+    address_subject = f"{topic}-address"
+    registry_client.register_schema(address_subject, Schema(json.dumps(ADDRESS), "AVRO"))
+    v1 = AvroSerializer(registry_client, json.dumps(ORDER_V1))
+    v2 = AvroSerializer(registry_client, Schema(
+        json.dumps(ORDER_V2), "AVRO", [SchemaReference("shop.Address", address_subject, 1)]))
+    keys = AvroSerializer(registry_client, '"string"')
+    ctx, key_ctx = context(topic), context(topic, "key")
+    values = [(keys("k0", key_ctx), v1(order(0), ctx)),
+              (keys("k1", key_ctx), v1(order(1, note="x", amount="n/a"), ctx)),
+              (keys("k2", key_ctx), None),                                  # a tombstone
+              (None, b"plain bytes, no framing"),                           # dead-lettered
+              (keys("k4", key_ctx), v2(order(4, source="web", ship_to={"city": "Oslo"}), ctx)),
+              (keys("k5", key_ctx), v2(order(5), ctx)),
+              (keys("k6", key_ctx), v1(order(6), ctx))]                     # v1 after v2
+    produce(broker, topic, [(0, key, data) for key, data in values])
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path, DECODE="key,value",
+                             FORMAT="parquet", TOMBSTONES="keep", BATCH_MAX_SECONDS=1,
+                             SCHEMA_REGISTRY_URL=proxy().url))
+    wait_until(lambda: delivered(pachd, topic) == 7 or process.process.poll() is not None,
+               60, "offset 7 delivered", interval=0.1)
+    stop(process)
+    files = files_of(pachd)
+    tables = parquet_files(files, topic)
+    id_v1, id_v2 = (spout._SCHEMA_ID.unpack_from(values[n][1], 1)[0] for n in (0, 4))
+    # A file per run of one writer schema, named by its first offset; the tombstone rides
+    # with its neighbours, the bad record is a dead letter.
+    assert {first: table.column("offset").to_pylist() for first, table in tables.items()} == \
+        {0: [0, 1, 2], 4: [4, 5], 6: [6]}
+    assert f"/_errors/{topic}/0/{3:020d}" in files
+    value_v1 = tables[0].schema.field("value").type
+    assert value_v1 == pa.struct([
+        ("id", pa.int64()), ("note", pa.string()), ("amount", pa.string()),
+        ("at", pa.timestamp("ms", "UTC")), ("at_us", pa.timestamp("us", "UTC")),
+        ("day", pa.date32()), ("price", pa.decimal128(9, 2)), ("ref", pa.string()),
+        ("blob", pa.binary()), ("tags", pa.map_(pa.string(), pa.int32())),
+        ("state", pa.string())])
+    assert tables[4].schema.field("value").type == pa.struct(
+        list(value_v1) + [("source", pa.string()),
+                          ("ship_to", pa.struct([("city", pa.string())]))])
+    rows = tables[0].to_pylist()
+    assert rows[0]["value"] == {
+        "id": 0, "note": None, "amount": "1.5", "at": AT, "at_us": AT_US,
+        "day": datetime.date(2024, 2, 29), "price": decimal.Decimal("1234.50"),
+        "ref": "00000000-0000-0000-0000-000000000000", "blob": b"\x00\xff",
+        "tags": [("a", 1)], "state": "NEW"}
+    assert (rows[0]["key"], rows[0]["value_schema_id"]) == ('"k0"', id_v1)
+    assert (rows[1]["value"]["note"], rows[1]["value"]["amount"]) == ("x", '"n/a"')
+    assert (rows[2]["key"], rows[2]["value"], rows[2]["value_schema_id"]) == \
+        ('"k2"', None, None)
+    assert tables[4].column("value_schema_id").to_pylist() == [id_v2, id_v2]
+    # v1 and v2 read together by DuckDB: v1's rows have the added fields as nulls.
+    for first, path in zip(tables, decoded_rows(files, topic, ".parquet")):
+        (tmp_path / f"{first}.parquet").write_bytes(files[path])
+    rows = duckdb.sql(
+        'SELECT "offset", value.id, value.source, value.ship_to.city, value.at_us '
+        f"FROM read_parquet('{tmp_path}/*.parquet', union_by_name = true) "
+        'ORDER BY "offset"').fetchall()
+    assert [row[:4] for row in rows] == [(0, 0, None, None), (1, 1, None, None),
+                                         (2, None, None, None), (4, 4, "web", "Oslo"),
+                                         (5, 5, "legacy", None), (6, 6, None, None)]
+    assert rows[0][4] == AT_US
+
+
+def test_parquet_protobuf_message_types_apart_and_json_schema_as_text(
+        broker, registry, proxy, pachd, tmp_path, spouts):
+    import pyarrow as pa
+    from confluent_kafka.schema_registry.json_schema import JSONSerializer
+    from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
+    topic, json_topic = create_topic(broker, 1), create_topic(broker, 1)
+    classes = proto_classes(uuid.uuid4().hex[:8])
+    registry_client = client(registry)
+    strategy = {"use.deprecated.format": False}
+    Created, Line = classes["events.Created"], classes["events.Changed.Line"]
+    created = ProtobufSerializer(Created, registry_client, strategy)
+    lines = ProtobufSerializer(Line, registry_client, strategy)
+    line = Line(sku="A-1", price=classes["common.Money"](currency="EUR", units=12),
+                sizes=[38, 40], flags={"gift": True}, kind=1, raw=b"\x01\x02", points=7)
+    line.at.FromDatetime(AT)
+    ctx = context(topic)
+    # Created and Line live in one file, so one schema id: their message indexes differ.
+    produce(broker, topic, [(0, None, data) for data in (
+        created(Created(id="c-1"), ctx), lines(line, ctx), lines(Line(sku="B-2"), ctx),
+        created(Created(id="c-2"), ctx))])
+    as_json = JSONSerializer(json.dumps({
+        "type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}}}),
+        registry_client)
+    produce(broker, json_topic, [(0, None, as_json({"n": 1, "s": "é"}, context(json_topic)))])
+    process = spouts(pfs_env(broker, f"{topic},{json_topic}", pachd, tmp_path, DECODE="value",
+                             FORMAT="parquet", BATCH_MAX_SECONDS=1,
+                             GROUP_ID=f"g-{topic}", SCHEMA_REGISTRY_URL=proxy().url))
+    wait_until(lambda: delivered(pachd, topic) == 4 and delivered(pachd, json_topic) == 1 or
+               process.process.poll() is not None, 60, "both topics delivered", interval=0.1)
+    stop(process)
+    files = files_of(pachd)
+    tables = parquet_files(files, topic)
+    assert {first: table.column("offset").to_pylist() for first, table in tables.items()} == \
+        {0: [0], 1: [1, 2], 3: [3]}
+    assert tables[0].column("value").to_pylist() == [{"id": "c-1"}]
+    assert tables[1].schema.field("value").type == pa.struct([
+        ("sku", pa.string()),
+        ("price", pa.struct([("currency", pa.string()), ("units", pa.int64())])),
+        ("at", pa.timestamp("us", "UTC")), ("sizes", pa.list_(pa.int32())),
+        ("flags", pa.map_(pa.string(), pa.bool_())), ("kind", pa.string()),
+        ("comment", pa.string()), ("raw", pa.binary()), ("gift", pa.string()),
+        ("points", pa.int32())])
+    assert tables[1].column("value").to_pylist() == [
+        {"sku": "A-1", "price": {"currency": "EUR", "units": 12}, "at": AT, "sizes": [38, 40],
+         "flags": [("gift", True)], "kind": "RETURN", "comment": None, "raw": b"\x01\x02",
+         "gift": None, "points": 7},
+        {"sku": "B-2", "price": None, "at": None, "sizes": [], "flags": [],
+         "kind": "KIND_UNSPECIFIED", "comment": None, "raw": b"", "gift": None,
+         "points": None}]
+    # JSON Schema values: the document as JSON text.
+    (json_table,) = parquet_files(files, json_topic).values()
+    assert json_table.schema.field("value").type == pa.string()
+    assert json.loads(json_table.column("value")[0].as_py()) == {"n": 1, "s": "é"}

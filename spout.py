@@ -730,8 +730,8 @@ def registry_settings(values: dict, sources: Mapping[str, str]) -> dict[str, obj
         raise ConfigError(sources["schema_registry_url"], "required with DECODE="
                           f"{','.join(decode)}")
     if "key" in decode and values.get("format", "raw") == "raw":
-        raise ConfigError(sources["decode"], "key,value needs FORMAT=json or raw+meta: a raw "
-                          "file holds the value only")
+        raise ConfigError(sources["decode"], "key,value needs FORMAT=json, raw+meta, jsonl "
+                          "or parquet: a raw file holds the value only")
     settings: dict[str, object] = {"schema_registry_url": found["schema_registry_url"]}
     credentials: dict[str, tuple[str, str]] = {}
     for field in ("schema_registry_user_info", "schema_registry_bearer_token"):

@@ -58,7 +58,7 @@ def test_decode_secrets_are_masked(base):
     ({"DECODE": "values", "SCHEMA_REGISTRY_URL": URL}, "DECODE: must be none, value, or"),
     ({"DECODE": "key", "SCHEMA_REGISTRY_URL": URL}, "DECODE: must be none, value, or"),
     ({"DECODE": "key,value", "SCHEMA_REGISTRY_URL": URL},
-     "DECODE: key,value needs FORMAT=json or raw+meta"),
+     "DECODE: key,value needs FORMAT=json, raw+meta, jsonl or parquet"),
     ({"SCHEMA_REGISTRY_URL": URL}, "SCHEMA_REGISTRY_URL: set, but DECODE is none"),
     ({"DECODE": "value", "SCHEMA_REGISTRY_URL": "registry:8081"},
      "SCHEMA_REGISTRY_URL: 'registry:8081' is not an http:// or https:// URL"),

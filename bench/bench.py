@@ -401,7 +401,7 @@ def spout_pachd(bootstrap: str, topic: str, count: int, group: bool = False,
     from pachd_double import PachdDouble, write_pach_config
     count = min(count, PACHD_MAX_MESSAGES)
     pachd = PachdDouble().start()
-    pachd.create_repo("bench")
+    pachd.create_pipeline_repo("bench")
     with tempfile.TemporaryDirectory() as work:
         settings = dict(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, DELIVERY="pfs",
                         PACH_CONFIG=str(write_pach_config(Path(work) / "pachctl.json",

@@ -97,7 +97,7 @@ def pfs_delivery(tansu: Tansu, topic: str, work: Path) -> bool:
     print("\n== Pachyderm 2.x: commits through pachd, offsets in each commit's description")
     pachd = PachdDouble(token="demo-token").start()
     try:
-        pachd.create_repo("demo-events")
+        pachd.create_pipeline_repo("demo-events")
         config = write_pach_config(work / "pachctl-config.json", pachd.address, "demo-token")
         env = spout_env(tansu, topic, "demo-pfs", PACH_CONFIG=str(config),
                         OUTPUT_PIPE=str(work / "no-pipe-in-2.x"),

@@ -317,7 +317,7 @@ def pachd():
     """The pachd double with auth on and the output repo a new spout pipeline has."""
     from pachd_double import PachdDouble
     double = PachdDouble(token=PACH_TOKEN).start()
-    double.create_repo(PACH_REPO)
+    double.create_pipeline_repo(PACH_REPO)
     yield double
     double.stop()
 

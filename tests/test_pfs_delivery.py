@@ -18,10 +18,15 @@ import spout
 TOKEN, REPO = PACH_TOKEN, PACH_REPO
 
 
-def head_files(pachd) -> dict:
-    head = pachd.head(REPO)
-    assert head.finished, "the head is open"
-    return head.files
+def head_files(pachd, repo: str = REPO) -> dict:
+    """The files of the head once finished: pachd sets `finished` a little after FinishCommit
+    has returned (`finishing`), and never while the head is open."""
+    return wait_until(lambda: (head := pachd.head(repo)).finished and head, 10,
+                      "the head to be finished").files
+
+
+def all_finished(pachd) -> bool:
+    return all(c.finished for c in pachd.commits(REPO))
 
 
 def expected_paths(topic: str, truth: dict) -> dict:
@@ -126,7 +131,7 @@ def test_chaos_sigkill_every_message_in_exactly_one_commit(broker, pachd, tmp_pa
     assert not missing
     assert files == expected
     assert_each_file_written_once(pachd)
-    assert all(c.finished for c in pachd.commits(REPO))
+    wait_until(lambda: all_finished(pachd), 10, "every commit finished")
     commits = spout_commits(pachd)
     print(f"kills={len(kills)} messages={total} commits={len(commits)} missing={len(missing)} "
           f"doubled=0 commits/message={len(commits) / total:.4f}")
@@ -166,7 +171,7 @@ def test_sigterm_while_pachd_withholds_an_answer_exits_in_time(broker, pachd, tm
     assert process.wait(12) == 0
     assert time.monotonic() - started < 10
     pachd.delay_finish_reply(0)
-    assert all(c.finished for c in pachd.commits(REPO)), "a clean stop leaves no open commit"
+    wait_until(lambda: all_finished(pachd), 10, "no open commit after a clean stop")
 
 
 def test_open_head_left_by_a_dead_spout_is_dropped_and_a_foreign_one_waited_for(
@@ -295,8 +300,7 @@ def test_configuration_errors_are_one_line_and_exit_2(base_env, tmp_path, change
 @pytest.mark.parametrize("change, culprit", [
     ({"PACH_TOKEN": "wrong"}, "PACH_TOKEN: pachd at grpc://127.0.0.1:"),
     ({"PACH_TOKEN": None}, "PACH_TOKEN: pachd at grpc://127.0.0.1:"),
-    ({"OUTPUT_REPO": "default/nope"}, "OUTPUT_REPO: default/nope@master does not exist"),
-    ({"OUTPUT_REPO": "default/out@nope"}, "OUTPUT_REPO: default/out@nope does not exist"),
+    ({"OUTPUT_REPO": "default/nope"}, "OUTPUT_REPO: repo default/nope does not exist on pachd"),
 ])
 def test_what_pachd_refuses_is_one_line_and_exit_2(base_env, pachd, change, culprit):
     env = {**base_env, "PACHD_ADDRESS": pachd.address, "PACH_TOKEN": TOKEN}
@@ -310,6 +314,33 @@ def test_what_pachd_refuses_is_one_line_and_exit_2(base_env, pachd, change, culp
     assert result.stderr.splitlines()[-1].startswith(f"spout.py: error: {culprit}")
     assert "Traceback" not in result.stderr
     assert TOKEN not in result.stderr
+    if "OUTPUT_REPO" in change:
+        assert result.stderr.rstrip().endswith(
+            "create it with `pachctl create repo nope --project default`")
+
+
+def test_a_plain_repo_without_a_branch_gets_one_from_the_first_commit(broker, pachd, tmp_path,
+                                                                      spouts):
+    """`pachctl create repo` makes no branch: the spout starts as with no commits yet, and its
+    first StartCommit creates the branch (here both master of a new repo and a new branch of
+    the pipeline's repo)."""
+    topic = create_topic(broker, 3)
+    produce(broker, topic, [(i % 3, None, b"p-%d" % i) for i in range(30)])
+    truth = read_back(broker, topic, 30)
+    pachd.create_repo("plain")
+    for repo, branch in (("plain", "master"), (REPO, "dev")):
+        process = spouts(pfs_env(broker, topic, pachd, tmp_path, GROUP_ID=f"g-{repo}-{branch}",
+                                 OUTPUT_REPO=f"default/{repo}@{branch}"))
+        wait_until(lambda: pachd.file_count(repo, branch=branch) >= 30 or process.process.poll(),
+                   60, "the messages on the new branch")
+        process.signal(signal.SIGTERM)
+        assert process.wait(10) == 0, process.log
+        assert "has no branch" in process.log and "Traceback" not in process.log
+        commits = pachd.commits(repo, branch=branch)
+        assert commits[0].parent_id is None and commits[0].description.startswith("kafka-spout")
+        wait_until(lambda: pachd.head(repo, branch=branch).finished, 10, "the head finished")
+        assert pachd.head(repo, branch=branch).files == expected_paths(topic, truth)
+    assert [c.description for c in pachd.commits(REPO)] == [""]  # master untouched
 
 
 def test_pachd_unreachable_at_start_is_retried_and_sigterm_still_stops(base_env, spouts):

@@ -267,6 +267,8 @@ class _Repo:
 class PachdDouble:
     """pachd's PFS API on 127.0.0.1, in memory; see the module docstring."""
 
+    is_double = True   # has the fault hooks (tests/real_pachd.py's RealPachd has not)
+
     def __init__(self, token: str | None = None, username: str = "pipeline:default/kafka-spout"):
         self.token = token
         self.username = username

@@ -380,14 +380,23 @@ class RealPachd:
     def commits(self, repo: str, project: str = DEFAULT_PROJECT,
                 branch: str = "master") -> list[CommitView]:
         """The branch's chain, oldest first; none while the branch does not exist."""
+        import grpc
         from pachyderm_sdk.api import pfs
-        if not self.has_branch(repo, project, branch):
-            return []
-        infos = self.client.pfs.list_commit(
-            repo=self._repo(repo, project),
-            to=pfs.Commit(branch=self._branch(repo, project, branch),
-                          repo=self._repo(repo, project)))
-        return [CommitView(self, info) for info in reversed(list(infos))]
+        for attempt in range(20):
+            if not self.has_branch(repo, project, branch):
+                return []
+            try:
+                infos = list(self.client.pfs.list_commit(
+                    repo=self._repo(repo, project),
+                    to=pfs.Commit(branch=self._branch(repo, project, branch),
+                                  repo=self._repo(repo, project))))
+                return [CommitView(self, info) for info in reversed(infos)]
+            except grpc.RpcError as error:
+                # The head was dropped while the list was walked (a spout drops an open head
+                # left by another): list again.
+                if error.code() != grpc.StatusCode.NOT_FOUND or attempt == 19:
+                    raise
+                time.sleep(0.05)
 
     def head(self, repo: str, project: str = DEFAULT_PROJECT,
              branch: str = "master") -> CommitView:
@@ -419,10 +428,20 @@ class RealPachd:
                 time.sleep(0.05)
 
     def count_files(self, commit) -> int:
+        """0 for a commit dropped meanwhile (a spout drops an open head left by another), as
+        for polling it is one that holds nothing yet."""
+        import grpc
         from pachyderm_sdk.api import pfs
-        return self._readable(lambda: sum(
-            1 for info in self.client.pfs.glob_file(commit=commit, pattern="/**")
-            if info.file_type == pfs.FileType.FILE))
+        try:
+            return self._readable(lambda: sum(
+                1 for info in self.client.pfs.glob_file(commit=commit, pattern="/**")
+                if info.file_type == pfs.FileType.FILE))
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND and \
+                    f"commit {commit.repo.project.name}/{commit.repo.name}@{commit.id} not found" \
+                    in (error.details() or ""):
+                return 0
+            raise
 
     def read_files(self, commit) -> dict[str, bytes]:
         from pachyderm_sdk.api import pfs

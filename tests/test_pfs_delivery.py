@@ -420,3 +420,85 @@ def test_the_record_is_looked_for_past_other_commits_but_not_forever(pachd, tmp_
     monkeypatch.setattr(spout, "RECORD_SEARCH_COMMITS", 3)
     assert delivery.start() == ([], {})
     delivery.close(time.monotonic() + 1)
+
+
+def test_a_second_writer_on_the_branch_is_waited_for_never_dropped(broker, pachd, tmp_path,
+                                                                    spouts):
+    """Someone else commits to the spout's branch while it commits: the spout waits while
+    their commit is open, never drops it, and lands every message exactly once."""
+    import threading
+    from pachyderm_sdk.api import pfs
+    topic = create_topic(broker, 3)
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path, BATCH_MAX_MESSAGES=40))
+    client = pach_client(pachd)
+    branch = pfs.Branch.from_uri(f"default/{REPO}@master")
+    written: list[str] = []
+    done = threading.Event()
+
+    def writer():
+        for number in range(12):
+            while True:  # the spout's commit may be open: pachd refuses, as it refuses it
+                try:
+                    commit = client.pfs.start_commit(branch=branch,
+                                                     description=f"writer {number}")
+                    break
+                except Exception as error:  # grpc.RpcError
+                    assert "has not been finished" in str(error), error
+                    time.sleep(0.02)
+            client.pfs.modify_file(iter([
+                pfs.ModifyFileRequest(set_commit=commit),
+                pfs.ModifyFileRequest(add_file=pfs.AddFile(path=f"/writer/{number}",
+                                                           raw=b"w%d" % number))]))
+            time.sleep(0.3)  # held open while the spout wants to commit
+            client.pfs.finish_commit(commit=commit)
+            written.append(commit.id)
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    for round_ in range(6):
+        produce(broker, topic, [(i % 3, None, b"r%d-%d" % (round_, i)) for i in range(100)])
+        time.sleep(0.4)  # spread over the writer's commits: a workload, not a synchronisation
+    thread.join(120)
+    assert done.is_set() and len(written) == 12
+    truth = read_back(broker, topic, 600)
+    expected = {**expected_paths(topic, truth),
+                **{f"/writer/{n}": b"w%d" % n for n in range(12)}}
+    wait_until(lambda: len(pachd.head(REPO).files) >= len(expected) or process.process.poll(),
+               120, "every message and every writer file", interval=0.2)
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0, process.log
+    assert head_files(pachd) == expected
+    chain = [c.id for c in pachd.commits(REPO)]
+    assert all(commit_id in chain for commit_id in written), "a writer's commit was dropped"
+    drops = [line for line in process.log.splitlines() if "dropped" in line]
+    assert not [line for line in drops if any(c in line for c in written)], drops
+    assert_each_file_written_once(pachd)
+    waits = process.log.count("has not been finished")
+    print(f"pachd={'double' if pachd.is_double else 'real'} writer-commits=12 "
+          f"spout-commits={len(spout_commits(pachd))} refused-start-commits={waits}")
+
+
+@pytest.mark.parametrize("token, reason", [
+    ("not-the-token", "provided auth token is corrupted or has expired"),
+    (None, "no authentication token"),
+])
+def test_auth_a_wrong_or_missing_token_is_one_line_a_good_one_commits(
+        broker, pachd, tmp_path, spouts, token, reason):
+    """pachd with auth on (testpachd -auth under make test-pachd): the token decides."""
+    topic = create_topic(broker, 3)
+    produce(broker, topic, [(0, None, b"authorised")])
+    env = {**pfs_env(broker, topic, pachd, tmp_path), "PACHD_ADDRESS": pachd.address}
+    env.pop("PACH_CONFIG")
+    refused = run_spout({**env, **({"PACH_TOKEN": token} if token else {})})
+    assert refused.returncode == 2, refused.stderr
+    [line] = [text for text in refused.stderr.splitlines() if "error:" in text]
+    assert line.startswith(f"spout.py: error: PACH_TOKEN: pachd at grpc://{pachd.address} "
+                           "refused the spout") and reason in line, refused.stderr
+    assert "Traceback" not in refused.stderr and pachd.token not in refused.stderr
+    assert not spout_commits(pachd)
+    good = spouts({**env, "PACH_TOKEN": pachd.token})
+    wait_until(lambda: pachd.file_count(REPO) >= 1 or good.process.poll(), 60, "the message")
+    good.signal(signal.SIGTERM)
+    assert good.wait(10) == 0, good.log
+    assert list(head_files(pachd).values()) == [b"authorised"]

@@ -1648,7 +1648,7 @@ class PfsDelivery(Delivery):
             repo = self.repo
             return ConfigError("OUTPUT_REPO", f"repo {repo.project}/{repo.repo} does not exist "
                                f"on pachd at {self.address} ({details}); create it with "
-                               f"`pachctl create repo {repo.repo} --project {repo.project}`")
+                               f"pachctl create repo {repo.repo} --project {repo.project}")
         return ConfigError("OUTPUT_REPO", f"pachd at {self.address} refused a commit to "
                            f"{self.repo} ({details})")
 

@@ -347,7 +347,7 @@ def test_what_pachd_refuses_is_one_line_and_exit_2(base_env, pachd, change, culp
     assert pachd.token not in result.stderr
     if "OUTPUT_REPO" in change:
         assert result.stderr.rstrip().endswith(
-            "create it with `pachctl create repo nope --project default`")
+            "create it with pachctl create repo nope --project default")
 
 
 def test_a_plain_repo_without_a_branch_gets_one_from_the_first_commit(broker, pachd, tmp_path,

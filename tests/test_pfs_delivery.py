@@ -502,3 +502,60 @@ def test_auth_a_wrong_or_missing_token_is_one_line_a_good_one_commits(
     good.signal(signal.SIGTERM)
     assert good.wait(10) == 0, good.log
     assert list(head_files(pachd).values()) == [b"authorised"]
+
+
+def delivery_for(pachd, repo: str = f"default/{REPO}"):
+    import threading
+    config = spout.Config.from_sources({
+        "HOST": "127.0.0.1", "PORT": "9", "TOPIC": "t", "DELIVERY": "pfs",
+        "PACHD_ADDRESS": pachd.address, "PACH_TOKEN": pachd.token, "OUTPUT_REPO": repo})
+    return spout.PfsDelivery(config, threading.Event())
+
+
+def test_a_commit_still_finishing_when_its_answer_was_lost_is_not_made_again(pachd,
+                                                                            monkeypatch):
+    """FinishCommit applied, its answer lost, and pachd not done finishing it (real pachd
+    sets `finished` later): the commit is held, not dropped, not written again."""
+    import threading
+    import grpc
+    import pachd_double
+    double_only(pachd, "delay_finish_reply")
+    monkeypatch.setattr(pachd_double, "FINISH_SECONDS", 30.0)
+    delivery = delivery_for(pachd)
+    assert delivery.start() == ([], {})
+    description = spout.describe_commit({("t", 0): (0, 1)}, 1, ["t"], {("t", 0): 1})
+    pachd.finish_applied.clear()
+    pachd.delay_finish_reply(30)
+    # pachd goes away once FinishCommit is applied, before its answer: the call fails.
+    cut = threading.Thread(target=lambda: pachd.finish_applied.wait(10) and pachd.stop())
+    cut.start()
+    with pytest.raises(grpc.RpcError):
+        delivery._commit([("t/0/0", b"x", 0)], 1, description, None)
+    cut.join(10)
+    pachd.delay_finish_reply(0)
+    pachd.start()
+    delivery._commit([("t/0/0", b"x", 0)], 1, description, None)  # settles: already made
+    [made] = spout_commits(pachd)
+    assert not made.finished and made.description == description  # finishing, not finished
+    assert pachd.calls.count("StartCommit") == 1 and pachd.calls.count("DropCommitSet") == 0
+    delivery.close(time.monotonic() + 1)
+
+
+def test_a_lost_first_start_commit_on_a_repo_without_branch_is_retried(pachd):
+    """The StartCommit that would create the branch fails: settling finds no branch, so
+    nothing of ours is open, and the next attempt creates the branch."""
+    import grpc
+    double_only(pachd, "fail_next")
+    pachd.create_repo("plain")
+    delivery = delivery_for(pachd, "default/plain")
+    assert delivery.start() == ([], {})
+    description = spout.describe_commit({("t", 0): (0, 1)}, 1, ["t"], {("t", 0): 1})
+    pachd.fail_next("StartCommit")
+    with pytest.raises(grpc.RpcError):
+        delivery._commit([("t/0/0", b"x", 0)], 1, description, None)
+    assert not pachd.has_branch("plain")
+    delivery._commit([("t/0/0", b"x", 0)], 1, description, None)
+    [made] = pachd.commits("plain")
+    assert made.parent_id is None and made.description == description
+    assert made.files == {"/t/0/0": b"x"}
+    delivery.close(time.monotonic() + 1)

@@ -106,6 +106,11 @@ def pfs_delivery(tansu: Tansu, topic: str, work: Path) -> bool:
                            "pfs")
         if status is None:
             return False
+        # pachd sets `finished` shortly after the last FinishCommit has returned.
+        settled = time.monotonic() + 5
+        while not all(c.finished for c in pachd.commits("demo-events")) and \
+                time.monotonic() < settled:
+            time.sleep(0.05)
         commits = pachd.commits("demo-events")
         files = pachd.head("demo-events").files
         target = OUT / "pfs"

@@ -252,6 +252,8 @@ class PachdEnvironment:
         if self.relay is not None:
             self.relay.stop()
         self.processes.clear()
+        # The logs stay for a look after a failure; Postgres' files (about 40 MB) do not.
+        shutil.rmtree(self.workdir / "postgres", ignore_errors=True)
 
     def __enter__(self) -> "PachdEnvironment":
         return self.start()

@@ -286,6 +286,7 @@ class PachdDouble:
         self._streams_released.set()
         self.finish_applied = threading.Event()
         self.modify_stream_open = threading.Event()
+        self.modify_stream_held = threading.Event()  # a stream waits in hold_modify_streams
 
     # --- lifecycle ----------------------------------------------------------------------------
     @property
@@ -788,6 +789,8 @@ class PachdDouble:
         return record, commit, None
 
     def _wait_while_held(self, context) -> None:
+        if not self._streams_released.is_set():
+            self.modify_stream_held.set()
         while not self._streams_released.wait(0.05):
             if self._stopping.is_set() or not context.is_active():
                 return

@@ -261,13 +261,17 @@ def test_healthz_fails_while_commits_stall_or_pachd_is_unreachable(broker, pachd
     spout = spouts(pfs_env(broker, topic, pachd, tmp_path, HEALTH_MAX_DELIVERY_SECONDS=2,
                            **metrics_env(port)))
     produce(broker, topic, [(0, None, b"first")])
-    wait_until(lambda: len(spout_commits(pachd)) == 1 or spout.process.poll() is not None,
-               60, "a first commit")
+    # Finished, not just started: the hold below must catch the second commit's stream.
+    wait_until(lambda: [c.finished for c in spout_commits(pachd)] == [True] or
+               spout.process.poll() is not None, 60, "a first commit, finished")
     wait_until(lambda: healthz(port)[0] == 200, 10, "/healthz to pass")
 
     # pachd answers, but the commit does not go through: messages wait past the limit.
+    pachd.modify_stream_held.clear()
     pachd.hold_modify_streams(True)
     produce(broker, topic, [(1, None, b"second")])
+    # The stall is the held stream's, not a slow poll's: a busy machine makes both.
+    wait_until(pachd.modify_stream_held.is_set, 30, "the second commit's stream, held")
     body = wait_until(lambda: unhealthy(port, spout, "no commit held"), 20,
                       "/healthz to report the stall")
     assert body["status"] == "unhealthy"

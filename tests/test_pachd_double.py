@@ -121,10 +121,12 @@ def test_modify_file_lands_only_when_its_stream_completes(double, client):
         yield add("/cut", b"never")
         client_gone.wait(10)
 
+    double.hold_modify_streams(True)  # the cut comes after the double has the add_file
     call = modify_file.future(requests(), metadata=[("authn-token", TOKEN)])
-    wait_until(double.modify_stream_open.is_set, 5, "the stream to open")
+    assert double.modify_stream_held.wait(5), "the stream to get its add_file"
     call.cancel()
     wait_until(lambda: not double.modify_stream_open.is_set(), 5, "the stream to end")
+    double.hold_modify_streams(False)
     client_gone.set()
     channel.close()
     assert double.head("out").files == {} and double.head("out").modify_streams == 0

@@ -76,6 +76,10 @@ def ensure_postgres_installed() -> None:
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends",
                     "postgresql-15"], check=True, env=env)
+    # The package may start a default cluster of its own on 5432: nothing here uses it, and
+    # nothing should outlive the tests.
+    subprocess.run(["pg_ctlcluster", "15", "main", "stop"], check=False, env=env,
+                   capture_output=True)
 
 
 class Relay:

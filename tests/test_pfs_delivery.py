@@ -49,6 +49,7 @@ def assert_each_file_written_once(pachd) -> None:
     """Every file comes from exactly one finished commit: none missing, none written twice.
     Real pachd's DiffFile cannot see a file rewritten with the same bytes, so the offset
     ranges the commits' descriptions name must not overlap either."""
+    wait_until(lambda: all_finished(pachd), 10, "every commit finished")  # two-step finishing
     writers: dict = {}
     spans: dict = {}
     for commit in spout_commits(pachd):
@@ -244,7 +245,9 @@ def test_a_start_commit_whose_answer_was_lost_is_found_and_dropped(broker, pachd
     topic = create_topic(broker, 3)
     produce(broker, topic, [(0, None, b"first")])
     process = spouts(pfs_env(broker, topic, pachd, tmp_path))
-    wait_until(lambda: len(pachd.head(REPO).files) >= 1, 60, "the first message")
+    # Finished: real pachd shows an open commit's files, and a start would meet it open.
+    wait_until(lambda: (head := pachd.head(REPO)).finished and len(head.files) >= 1, 60,
+               "the first message, its commit finished")
     client = pach_client(pachd)
     lost = client.pfs.start_commit(branch=pfs.Branch.from_uri(f"default/{REPO}@master"),
                                    description=spout.describe_commit({}, 0, [topic], {}))

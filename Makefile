@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-kafka kafka-jars registry test-registry demo bench soak venv clean
+.PHONY: test test-kafka kafka-jars registry test-registry test-pachd testpachd demo bench soak venv clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,23 @@ $(REGISTRY_JAR): tests/registry/pom.xml tests/registry/settings.xml
 # DECODE=value|key,value against that registry: values made by confluent-kafka's serializers.
 test-registry: $(STAMP) $(REGISTRY_JAR)
 	SPOUT_TEST_REGISTRY=$(CURDIR)/$(REGISTRY_JAR) $(PY) -m pytest -m registry $(PYTEST_ARGS)
+
+# Real pachd: Pachyderm's own testpachd at v2.12.2 (the version pachyderm-sdk pins), built by
+# Go from the wrapper module in tests/pachd (its dex replace and seeded go.sum) into .cache/.
+# The first build downloads about 1.4 GB of modules; a rebuild takes seconds.
+TESTPACHD := .cache/testpachd
+
+testpachd: $(TESTPACHD)
+
+$(TESTPACHD): tests/pachd/go.mod tests/pachd/go.sum
+	cd tests/pachd && go build -o $(CURDIR)/$(TESTPACHD) \
+		github.com/pachyderm/pachyderm/v2/src/testing/testpachd
+
+# The tests that use the `pachd` fixture (2.x delivery, chaos, metrics, plain repo, auth,
+# concurrency) against real pachd; tests/real_pachd.py starts Postgres 15 (installed from
+# Debian if absent), a pgbouncer relay, moto's S3 and testpachd, and stops them all.
+test-pachd: $(STAMP) $(TESTPACHD)
+	SPOUT_TEST_PACHD=real $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) demo/demo.py

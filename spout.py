@@ -2772,6 +2772,7 @@ class PachdClient:
             return getattr(self.channel, kind)(
                 f"/pfs_v2.API/{name}", request_serializer=request.SerializeToString,
                 response_deserializer=response.FromString)
+        self._inspect_repo = method("InspectRepo", pfs.InspectRepoRequest, pfs.RepoInfo)
         self._inspect_branch = method("InspectBranch", pfs.InspectBranchRequest, pfs.BranchInfo)
         self._inspect_commit = method("InspectCommit", pfs.InspectCommitRequest, pfs.CommitInfo)
         self._start_commit = method("StartCommit", pfs.StartCommitRequest, pfs.Commit)
@@ -2802,8 +2803,17 @@ class PachdClient:
                 continue
 
     def head(self, deadline: float | None):
+        """The branch head, or None while the branch does not exist: pachd's CreateRepo makes
+        no branch, and the first StartCommit creates it. A missing repo stays NOT_FOUND."""
         request = self.pfs.InspectBranchRequest(branch=self.branch)
-        return self.call(self._inspect_branch, request, deadline).head
+        try:
+            return self.call(self._inspect_branch, request, deadline).head
+        except self.grpc.RpcError as error:
+            if error.code() != self.grpc.StatusCode.NOT_FOUND:
+                raise
+        # NOT_FOUND names the repo or the branch alike; the repo's own answer tells them apart.
+        self.call(self._inspect_repo, self.pfs.InspectRepoRequest(repo=self.repo), deadline)
+        return None
 
     def inspect_commit(self, commit, deadline: float | None):
         request = self.pfs.InspectCommitRequest(commit=commit)
@@ -2879,8 +2889,10 @@ class PfsDelivery(Delivery):
             return ConfigError(self.config.pach_token_source,
                                f"pachd at {self.address} refused the spout ({details})")
         if code == "NOT_FOUND":
-            return ConfigError("OUTPUT_REPO", f"{self.repo} does not exist on pachd at "
-                               f"{self.address} ({details})")
+            repo = self.repo
+            return ConfigError("OUTPUT_REPO", f"repo {repo.project}/{repo.repo} does not exist "
+                               f"on pachd at {self.address} ({details}); create it with "
+                               f"pachctl create repo {repo.repo} --project {repo.project}")
         return ConfigError("OUTPUT_REPO", f"pachd at {self.address} refused a commit to "
                            f"{self.repo} ({details})")
 
@@ -2912,6 +2924,9 @@ class PfsDelivery(Delivery):
         """The record of the newest commit the spout made on the branch. An open head that a
         spout left behind (it died mid-commit) is dropped: its messages are in Kafka still."""
         commit = self.client.head(None)
+        if commit is None:
+            log.info("repo %s/%s has no branch %s yet: the spout's first commit creates it",
+                     self.repo.project, self.repo.repo, self.repo.branch)
         for _ in range(RECORD_SEARCH_COMMITS):
             if commit is None or not commit.id:
                 break

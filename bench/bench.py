@@ -447,7 +447,7 @@ def spout_pachd(bootstrap: str, topic: str, count: int, group: bool = False,
         record = spout.record_from_description(pachd.head("bench").description or "")
         return sum(record[1].values()) if record else 0
     pachd = PachdDouble().start()
-    pachd.create_repo("bench")
+    pachd.create_pipeline_repo("bench")
     with tempfile.TemporaryDirectory() as work:
         settings = dict(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, DELIVERY="pfs",
                         PACH_CONFIG=str(write_pach_config(Path(work) / "pachctl.json",
@@ -630,7 +630,7 @@ def run_memory_pachd(bootstrap: str | None, backlog_mib: int, format: str,
     import spout
     tansu = None if bootstrap else Tansu()
     pachd = PachdDouble().start()
-    pachd.create_repo("bench")
+    pachd.create_pipeline_repo("bench")
     try:
         address = bootstrap or tansu.bootstrap
         topic = produce_topic(address, MIB, backlog_mib, distinct=True)

@@ -99,7 +99,7 @@ def pfs_delivery(tansu: Tansu, topic: str, work: Path) -> bool:
     print("\n== Pachyderm 2.x: commits through pachd, offsets in each commit's description")
     pachd = PachdDouble(token="demo-token").start()
     try:
-        pachd.create_repo("demo-events")
+        pachd.create_pipeline_repo("demo-events")
         config = write_pach_config(work / "pachctl-config.json", pachd.address, "demo-token")
         env = spout_env(tansu, topic, "demo-pfs", PACH_CONFIG=str(config),
                         OUTPUT_PIPE=str(work / "no-pipe-in-2.x"),
@@ -108,6 +108,11 @@ def pfs_delivery(tansu: Tansu, topic: str, work: Path) -> bool:
                            "pfs")
         if status is None:
             return False
+        # pachd sets `finished` shortly after the last FinishCommit has returned.
+        settled = time.monotonic() + 5
+        while not all(c.finished for c in pachd.commits("demo-events")) and \
+                time.monotonic() < settled:
+            time.sleep(0.05)
         commits = pachd.commits("demo-events")
         files = pachd.head("demo-events").files
         target = OUT / "pfs"
@@ -140,7 +145,7 @@ def parquet_delivery(tansu: Tansu, topic: str, work: Path) -> bool:
     print("\n== FORMAT=parquet through pachd: one file per partition and hour, read by DuckDB")
     pachd = PachdDouble(token="demo-token").start()
     try:
-        pachd.create_repo("demo-parquet")
+        pachd.create_pipeline_repo("demo-parquet")
         config = write_pach_config(work / "pachctl-parquet.json", pachd.address, "demo-token")
         template = "{topic}/date={date}/hour={hour}/{partition}-{offset:020d}.parquet"
         env = {**spout_env(tansu, topic, "demo-parquet", PACH_CONFIG=str(config),

@@ -106,6 +106,11 @@ def start_apache_kafka(name: str = "kafka", **extra):
 
 
 def pytest_collection_modifyitems(config, items):
+    if REAL_PACHD:  # make test-pachd: the tests that talk to pachd, and only those
+        deselected = [item for item in items if "pachd" not in item.fixturenames]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if "pachd" in item.fixturenames]
     if REFERENCE_BROKER:
         return
     skip = pytest.mark.skip(reason="needs Apache Kafka: make test-kafka")
@@ -125,6 +130,12 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _real_pachds:
+        for environment in _real_pachds:
+            terminalreporter.write_line(
+                "real pachd start-up: " + ", ".join(
+                    f"{part} {seconds:.1f}s" for part, seconds in
+                    environment.startup_seconds.items()) + f"; logs in {environment.workdir}")
     if _apache_kafkas:
         starts = [(node.home.name, node.format_seconds, node.startup_seconds)
                   for node in _apache_kafkas]
@@ -312,25 +323,63 @@ def readers():
         reader.stop()
 
 
-# -- Pachyderm 2.x: the pachd double and the settings a 2.x spout runs with
+# -- Pachyderm 2.x: pachd (the double, or real pachd under make test-pachd) and the settings
+# a 2.x spout runs with
 PACH_TOKEN = "pipeline-token-0123456789"
 PACH_REPO = "out"
+# `make test-pachd` sets SPOUT_TEST_PACHD=real: the tests that use the `pachd` fixture run
+# against real pachd (Pachyderm's testpachd, tests/real_pachd.py), the others are deselected.
+REAL_PACHD = os.environ.get("SPOUT_TEST_PACHD", "double") == "real"
+_real_pachds: list = []  # the session's real pachd, for its start-up time in the summary
+
+
+@pytest.fixture(scope="session")
+def real_pachd_environment():
+    """testpachd with auth on, and Postgres, the pgbouncer relay and S3 under it."""
+    from real_pachd import PachdEnvironment
+    environment = PachdEnvironment(auth=True).start()
+    _real_pachds.append(environment)
+    yield environment
+    environment.stop()
 
 
 @pytest.fixture
-def pachd():
-    """The pachd double with auth on and the output repo a new spout pipeline has."""
+def pachd(request):
+    """pachd with auth on and the output repo a new spout pipeline has (master, with PPS's
+    empty first commit): the double, or under make test-pachd real pachd, both with the
+    double's helper API (address, port, token, create_repo, create_pipeline_repo, commits,
+    head, file_count, has_branch). `.token` is the token that pachd accepts."""
+    if REAL_PACHD:
+        from real_pachd import ROOT_TOKEN, RealPachd
+        environment = request.getfixturevalue("real_pachd_environment")
+        real = RealPachd(environment.address, ROOT_TOKEN)
+        real.delete_all_repos()  # each test starts from a pachd without repos, as the double
+        real.create_pipeline_repo(PACH_REPO)
+        yield real
+        return
     from pachd_double import PachdDouble
     double = PachdDouble(token=PACH_TOKEN).start()
-    double.create_repo(PACH_REPO)
+    double.create_pipeline_repo(PACH_REPO)
     yield double
     double.stop()
+
+
+def double_only(pachd, what: str) -> None:
+    """Skips the test against real pachd, which has no such hook as the double's `what`."""
+    if not getattr(pachd, "is_double", True):
+        pytest.skip(f"needs the pachd double's {what}: real pachd has no such hook")
+
+
+def pach_client(pachd):
+    """A pachyderm_sdk client of this pachd, with the token it accepts."""
+    from pachyderm_sdk import Client
+    return Client("127.0.0.1", pachd.port, auth_token=pachd.token)
 
 
 def pfs_env(broker, topic, pachd, tmp_path, **extra) -> dict:
     """As in a 2.x spout: the pachctl config Pachyderm mounts, no pipe, DELIVERY left to auto."""
     from pachd_double import write_pach_config
-    config = write_pach_config(tmp_path / "pachctl.json", pachd.address, PACH_TOKEN)
+    config = write_pach_config(tmp_path / "pachctl.json", pachd.address, pachd.token)
     env = {"BOOTSTRAP_SERVERS": broker, "TOPIC": topic, "PACH_CONFIG": str(config),
            "OUTPUT_PIPE": str(tmp_path / "no-pipe"), "OUTPUT_REPO": f"default/{PACH_REPO}",
            "GROUP_ID": f"g-{topic}", "BATCH_MAX_SECONDS": "0.2", "LOG_LEVEL": "DEBUG",

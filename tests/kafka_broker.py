@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
-import os
 import shutil
 import signal
 import socket

@@ -6,6 +6,11 @@ branches, StartCommit / FinishCommit / InspectCommit / ListCommit / DropCommitSe
 ModifyFile applied only when its stream completes. State lives in memory and survives
 stop()/start(), which is how the chaos tests take pachd away and bring it back.
 
+As real pachd 2.12.2 (tried on loopback): CreateRepo makes no branch and no commit, the first
+StartCommit on a branch creates it; only PPS gives a spout pipeline's output branch its empty
+first commit (create_pipeline_repo here). Finishing takes two steps: FinishCommit sets
+`finishing`, and `finished` follows FINISH_SECONDS later. StartCommit's reply carries no branch.
+
 Status codes and texts are pachd's own (pachyderm/pachyderm 2.12); each says where it comes
 from. A Go error without a GRPCStatus() method reaches the client as UNKNOWN carrying
 err.Error(), wrapping prefixes included; the wrapping of pachd's transaction layer is not
@@ -46,6 +51,9 @@ PRINTABLE_ASCII = re.compile(r"^[ -~]+$")
 GLOB_CHARACTERS = re.compile(r"[*?\[\]{}!()@+^]")
 
 DEFAULT_PROJECT = "default"
+# Real pachd sets `finished` about 100 ms after FinishCommit has set `finishing` and returned
+# (it compacts and validates the commit in between).
+FINISH_SECONDS = 0.1
 
 
 class PachdError(Exception):
@@ -221,13 +229,17 @@ class _Commit:
     description: str
     started: datetime.datetime
     files: dict[str, bytes]
-    finished: datetime.datetime | None = None
+    finishing: datetime.datetime | None = None
+    finished: datetime.datetime | None = None  # may lie ahead: see is_finished()
     error: str = ""
     changed: set[str] = dataclasses.field(default_factory=set)
     modify_streams: int = 0
 
+    def is_finished(self) -> bool:
+        return self.finished is not None and self.finished <= now()
+
     def view(self) -> CommitView:
-        return CommitView(self.id, self.parent_id, self.description, self.finished is not None,
+        return CommitView(self.id, self.parent_id, self.description, self.is_finished(),
                           dict(self.files), set(self.changed), self.modify_streams, self.error)
 
 
@@ -255,6 +267,8 @@ class _Repo:
 class PachdDouble:
     """pachd's PFS API on 127.0.0.1, in memory; see the module docstring."""
 
+    is_double = True   # has the fault hooks (tests/real_pachd.py's RealPachd has not)
+
     def __init__(self, token: str | None = None, username: str = "pipeline:default/kafka-spout"):
         self.token = token
         self.username = username
@@ -272,6 +286,7 @@ class PachdDouble:
         self._streams_released.set()
         self.finish_applied = threading.Event()
         self.modify_stream_open = threading.Event()
+        self.modify_stream_held = threading.Event()  # a stream waits in hold_modify_streams
 
     # --- lifecycle ----------------------------------------------------------------------------
     @property
@@ -318,32 +333,46 @@ class PachdDouble:
         self.stop()
 
     # --- what tests set up and read -----------------------------------------------------------
-    def create_repo(self, repo: str, project: str = DEFAULT_PROJECT,
-                    branch: str = "master") -> CommitView:
-        """The repo, its branch and one empty finished commit, as creating a spout makes them
-        (server_commit.go makeEmptyCommit: no provenance, so the commit is closed)."""
+    def create_repo(self, repo: str, project: str = DEFAULT_PROJECT) -> None:
+        """The repo alone, as CreateRepo (`pachctl create repo`) makes it: no branch, no
+        commit."""
         with self._lock:
             key = (project, repo)
-            if key not in self._repos:
-                self._repos[key] = _Repo(project, repo, now())
-            record = self._repos[key]
+            if key in self._repos:
+                # ErrRepoExists, src/server/pfs/pfs.go
+                raise ValueError(f"repo {project}/{repo} already exists")
+            self._repos[key] = _Repo(project, repo, now())
+
+    def create_pipeline_repo(self, repo: str, project: str = DEFAULT_PROJECT,
+                             branch: str = "master") -> CommitView:
+        """The output repo of a new spout pipeline: the repo, its branch and the one empty
+        finished commit that PPS makes there (CreateBranch without a head; server_commit.go
+        makeEmptyCommit: no provenance, so the commit is closed)."""
+        with self._lock:
+            if (project, repo) not in self._repos:
+                self.create_repo(repo, project)
+            record = self._repos[(project, repo)]
             if branch in record.branches:
                 # ErrBranchExists, src/server/pfs/pfs.go
                 raise ValueError(f'branch "{branch}" already exists in repo {record.label}')
-            stamp = now()
-            commit = _Commit(new_commit_id(), project, repo, branch, None, "", stamp, {},
-                             finished=stamp)
-            record.commits[commit.id] = commit
-            record.branches[branch] = _Branch(branch, commit.id, stamp)
+            commit = self._empty_commit(record, branch, None)
+            record.branches[branch] = _Branch(branch, commit.id, commit.started)
             return commit.view()
+
+    def _empty_commit(self, record: _Repo, branch: str, parent_id: str | None) -> _Commit:
+        stamp = now()
+        commit = _Commit(new_commit_id(), record.project, record.name, branch, parent_id, "",
+                         stamp, {}, finishing=stamp, finished=stamp)
+        record.commits[commit.id] = commit
+        return commit
 
     def commits(self, repo: str, project: str = DEFAULT_PROJECT,
                 branch: str = "master") -> list[CommitView]:
-        """The branch's chain, oldest first."""
+        """The branch's chain, oldest first; none while the branch does not exist."""
         with self._lock:
             record = self._repos[(project, repo)]
             chain = []
-            commit_id = record.branches[branch].head
+            commit_id = record.branches[branch].head if branch in record.branches else None
             while commit_id is not None:
                 commit = record.commits[commit_id]
                 chain.append(commit.view())
@@ -353,11 +382,18 @@ class PachdDouble:
     def head(self, repo: str, project: str = DEFAULT_PROJECT, branch: str = "master") -> CommitView:
         return self.commits(repo, project, branch)[-1]
 
+    def has_branch(self, repo: str, project: str = DEFAULT_PROJECT,
+                   branch: str = "master") -> bool:
+        with self._lock:
+            return branch in self._repos[(project, repo)].branches
+
     def file_count(self, repo: str, project: str = DEFAULT_PROJECT,
                    branch: str = "master") -> int:
         """Files in the branch head, without copying them (for polling during benchmarks)."""
         with self._lock:
             record = self._repos[(project, repo)]
+            if branch not in record.branches:
+                return 0
             return len(record.commits[record.branches[branch].head].files)
 
     @property
@@ -517,8 +553,9 @@ class PachdDouble:
             info.parent_commit = self._commit_message(record, record.commits[commit.parent_id])
         info.child_commits = [self._commit_message(record, child)
                               for child in record.commits.values() if child.parent_id == commit.id]
-        if commit.finished is not None:  # unset Timestamp while open, as pachd
-            info.finishing = commit.finished
+        if commit.finishing is not None:  # unset Timestamps while open, as pachd
+            info.finishing = commit.finishing
+        if commit.is_finished():
             info.finished = commit.finished
             info.details = pfs.CommitInfoDetails(size_bytes=info.size_bytes_upper_bound)
         return info
@@ -551,14 +588,15 @@ class PachdDouble:
                                  "start commit in transaction: branch must be specified")
             record = self._repo(request.branch.repo)
             commit = self._open_commit(record, request.branch.name, request.description)
-            return self._commit_message(record, commit)
+            # StartCommitInTransaction returns the new commit's handle: repo and id, no branch.
+            return pfs.Commit(repo=self._repo_message(record), id=commit.id)
 
     def _open_commit(self, record: _Repo, branch_name: str, description: str) -> _Commit:
-        """startCommit: the parent is the branch head, which must be finished; a missing branch
-        is created (getOrDefaultBranchInfo)."""
+        """startCommit: the parent is the branch head, which must be finishing at least
+        (linkParent); a missing branch is created (createCommitOnBranch)."""
         branch = record.branches.get(branch_name)
         parent = record.commits[branch.head] if branch and branch.head else None
-        if parent is not None and parent.finished is None:
+        if parent is not None and parent.finishing is None:
             raise parent_not_finished(record.label, parent.id)
         commit = _Commit(new_commit_id(), record.project, record.name, branch_name,
                          parent.id if parent else None, description, now(),
@@ -573,12 +611,13 @@ class PachdDouble:
     def _finish_commit(self, request: pfs.FinishCommitRequest, context) -> Empty:
         with self._lock:
             record, commit = self._commit(request.commit)
-            if commit.finished is not None:
+            if commit.finishing is not None:
                 raise commit_finished(record.label, commit.id)
             if request.description:  # finishCommit: a non-empty description replaces
                 commit.description = request.description
             commit.error = request.error
-            commit.finished = now()
+            commit.finishing = now()
+            commit.finished = commit.finishing + datetime.timedelta(seconds=FINISH_SECONDS)
             self._commit_finished.notify_all()
             self.finish_applied.set()
         if self._finish_reply_delay:
@@ -589,9 +628,10 @@ class PachdDouble:
         with self._lock:
             record, commit = self._commit(request.commit)
             if request.wait in (pfs.CommitState.FINISHING, pfs.CommitState.FINISHED):
-                # server_commit.go inspectCommit: block until the commit is finished.
+                # server_commit.go waitForFinishingOrFinished: block until the state is reached.
                 handle = self._commit_message(record, commit)
-                while commit.finished is None:
+                finishing = request.wait == pfs.CommitState.FINISHING
+                while not (commit.finishing is not None if finishing else commit.is_finished()):
                     if not context.is_active() or self._stopping.is_set():
                         raise PachdError(grpc.StatusCode.CANCELLED, "context canceled")
                     self._commit_finished.wait(0.1)
@@ -621,9 +661,17 @@ class PachdDouble:
                     raise drop_with_children(record.label, commit.id)
             for record in holders:
                 commit = record.commits.pop(commit_set)
+                headless = []
                 for branch in record.branches.values():
                     if branch.head == commit.id:
                         branch.head = commit.parent_id
+                        if branch.head is None:
+                            headless.append(branch)
+                if headless:
+                    # deleteCommit: a branch left without a head gets a new empty commit.
+                    empty = self._empty_commit(record, headless[0].name, None)
+                    for branch in headless:
+                        branch.head = empty.id
         return Empty()
 
     def _get_file(self, request: pfs.GetFileRequest, context):
@@ -707,11 +755,12 @@ class PachdDouble:
                 commit = self._open_commit(record, one_off_branch, "")
             else:
                 record, commit = self._commit(self._commit_message(record, commit))
-                if commit.finished is not None:
+                if commit.finishing is not None:
                     raise commit_finished(record.label, commit.id)
             self._apply(commit, operations)
             if one_off_branch is not None:
-                commit.finished = now()
+                commit.finishing = now()
+                commit.finished = commit.finishing + datetime.timedelta(seconds=FINISH_SECONDS)
                 self._commit_finished.notify_all()
         return Empty()
 
@@ -729,17 +778,19 @@ class PachdDouble:
             if branch is None or branch.head is None:
                 return record, None, branch_name
             head = record.commits[branch.head]
-            if head.finished is not None:
+            if head.finishing is not None:
                 return record, None, branch_name
             return record, head, None
         commit = record.commits.get(commit_id)
         if commit is None:
             raise commit_not_found(record.label, commit_id)
-        if commit.finished is not None:
+        if commit.finishing is not None:
             raise commit_finished(record.label, commit.id)
         return record, commit, None
 
     def _wait_while_held(self, context) -> None:
+        if not self._streams_released.is_set():
+            self.modify_stream_held.set()
         while not self._streams_released.wait(0.05):
             if self._stopping.is_set() or not context.is_active():
                 return
@@ -774,13 +825,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
     parser.add_argument("--repo", action="append", default=[], metavar="PROJECT/REPO",
-                        help="a repo to create with branch master and one empty commit")
+                        help="a spout pipeline's output repo to create: branch master and its "
+                        "empty first commit")
     parser.add_argument("--token", default=None, help="the authn-token every call must carry")
     args = parser.parse_args(argv)
     double = PachdDouble(token=args.token)
     for spec in args.repo:
         project, _, repo = spec.rpartition("/")
-        double.create_repo(repo, project=project or DEFAULT_PROJECT)
+        double.create_pipeline_repo(repo, project=project or DEFAULT_PROJECT)
     double.start(args.port)
     print(double.address, flush=True)
     finished = threading.Event()

@@ -503,7 +503,7 @@ def test_transactions_through_pachd_record_offsets_past_control_records(apache_k
         producer.commit_transaction() if commit else producer.abort_transaction()
 
     pachd = PachdDouble().start()
-    pachd.create_repo("out")
+    pachd.create_pipeline_repo("out")
     port = free_port()
     env = spout_env(bootstrap, topic, tmp_path / "no-pipe", DELIVERY="pfs",
                     PACHD_ADDRESS=pachd.address, OUTPUT_REPO="default/out",
@@ -621,7 +621,7 @@ def test_an_idle_transactional_topic_is_caught_up_through_pachd(mode, apache_kaf
     # After the last committed record: its commit marker, 10 aborted records, their marker.
     assert all(ends[p] == last_data[p] + 13 for p in range(partitions))
     pachd = PachdDouble().start()
-    pachd.create_repo("out")
+    pachd.create_pipeline_repo("out")
     port = free_port()
     env = spout_env(bootstrap, topic, tmp_path / "no-pipe", DELIVERY="pfs", MODE=mode,
                     PACHD_ADDRESS=pachd.address, OUTPUT_REPO="default/out",
@@ -728,7 +728,7 @@ def test_a_transaction_left_open_counts_as_messages_waiting(apache_kafka, spouts
         producer.send(topic, value=b"open-%d" % i, partition=i % partitions)
     producer.flush()
     pachd = PachdDouble().start()
-    pachd.create_repo("out")
+    pachd.create_pipeline_repo("out")
     port = free_port()
     env = spout_env(bootstrap, topic, tmp_path / "no-pipe", DELIVERY="pfs",
                     PACHD_ADDRESS=pachd.address, OUTPUT_REPO="default/out",

@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import (PACH_REPO, ROOT, create_topic, free_port, pfs_env, produce, read_back,
-                      spout_commits, spout_env, wait_until)
+from conftest import (PACH_REPO, ROOT, create_topic, double_only, free_port, pfs_env, produce,
+                      read_back, spout_commits, spout_env, wait_until)
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = PACH_REPO
@@ -255,18 +255,23 @@ def test_pfs_run_counts_match_pachd_lag_drains_to_zero_and_json_logs_parse(
 
 def test_healthz_fails_while_commits_stall_or_pachd_is_unreachable(broker, pachd, tmp_path,
                                                                    spouts):
+    double_only(pachd, "hold_modify_streams and stop()/start() that keep its state")
     topic = create_topic(broker, 3)
     port = free_port()
     spout = spouts(pfs_env(broker, topic, pachd, tmp_path, HEALTH_MAX_DELIVERY_SECONDS=2,
                            **metrics_env(port)))
     produce(broker, topic, [(0, None, b"first")])
-    wait_until(lambda: len(spout_commits(pachd)) == 1 or spout.process.poll() is not None,
-               60, "a first commit")
+    # Finished, not just started: the hold below must catch the second commit's stream.
+    wait_until(lambda: [c.finished for c in spout_commits(pachd)] == [True] or
+               spout.process.poll() is not None, 60, "a first commit, finished")
     wait_until(lambda: healthz(port)[0] == 200, 10, "/healthz to pass")
 
     # pachd answers, but the commit does not go through: messages wait past the limit.
+    pachd.modify_stream_held.clear()
     pachd.hold_modify_streams(True)
     produce(broker, topic, [(1, None, b"second")])
+    # The stall is the held stream's, not a slow poll's: a busy machine makes both.
+    wait_until(pachd.modify_stream_held.is_set, 30, "the second commit's stream, held")
     body = wait_until(lambda: unhealthy(port, spout, "no commit held"), 20,
                       "/healthz to report the stall")
     assert body["status"] == "unhealthy"

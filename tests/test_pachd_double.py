@@ -26,7 +26,7 @@ MiB = 1024 * 1024
 @pytest.fixture
 def double():
     double = PachdDouble(token=TOKEN)
-    double.create_repo("out")
+    double.create_pipeline_repo("out")
     double.start()
     yield double
     double.stop()
@@ -55,7 +55,22 @@ def delete(path: str) -> pfs.ModifyFileRequest:
     return pfs.ModifyFileRequest(delete_file=pfs.DeleteFile(path=path))
 
 
-def test_a_new_repo_has_one_empty_finished_commit(double, client):
+def test_a_created_repo_has_no_branch_until_the_first_start_commit(double, client):
+    double.create_repo("plain")
+    plain = pfs.Branch.from_uri("default/plain@master")
+    error = rpc_error(lambda: client.pfs.inspect_branch(branch=plain))
+    assert (error.code(), error.details()) == (grpc.StatusCode.NOT_FOUND,
+                                               'branch "master" not found in repo default/plain')
+    assert client.pfs.inspect_repo(repo=plain.repo).branches == []
+    assert double.commits("plain") == [] and double.file_count("plain") == 0
+    commit = client.pfs.start_commit(branch=plain, description="first")
+    assert commit.id and commit.repo.name == "plain" and not commit.branch.name  # as pachd
+    [first] = double.commits("plain")
+    assert first.id == commit.id and first.parent_id is None and not first.finished
+    assert client.pfs.inspect_branch(branch=plain).head.id == commit.id
+
+
+def test_a_pipeline_repo_has_one_empty_finished_commit(double, client):
     [first] = double.commits("out")
     assert first.finished and first.parent_id is None and first.files == {}
     assert client.pfs.inspect_branch(branch=MASTER).head.id == first.id
@@ -79,6 +94,21 @@ def test_start_commit_is_refused_while_the_head_is_open(double, client):
     assert client.pfs.start_commit(branch=MASTER).id == double.head("out").id
 
 
+def test_finishing_comes_first_and_finished_follows(double, client):
+    commit = client.pfs.start_commit(branch=MASTER)
+    client.pfs.finish_commit(commit=commit, description="done")
+    info = client.pfs.inspect_commit(commit=commit)
+    assert info.finishing.year > 1970 and info.finished.year == 1970
+    assert not double.head("out").finished
+    child = client.pfs.start_commit(branch=MASTER)  # a finishing parent takes a child
+    error = rpc_error(lambda: stream(client, commit, add("/late", b"x")))
+    assert "has already finished" in error.details()
+    waited = client.pfs.wait_commit(commit)
+    assert waited.finished.year > 1970 and waited.description == "done"
+    assert double.commits("out")[-2].finished
+    assert client.pfs.inspect_commit(commit=child).parent_commit.id == commit.id
+
+
 def test_modify_file_lands_only_when_its_stream_completes(double, client):
     commit = client.pfs.start_commit(branch=MASTER)
     channel = grpc.insecure_channel(double.address)
@@ -91,10 +121,12 @@ def test_modify_file_lands_only_when_its_stream_completes(double, client):
         yield add("/cut", b"never")
         client_gone.wait(10)
 
+    double.hold_modify_streams(True)  # the cut comes after the double has the add_file
     call = modify_file.future(requests(), metadata=[("authn-token", TOKEN)])
-    wait_until(double.modify_stream_open.is_set, 5, "the stream to open")
+    assert double.modify_stream_held.wait(5), "the stream to get its add_file"
     call.cancel()
     wait_until(lambda: not double.modify_stream_open.is_set(), 5, "the stream to end")
+    double.hold_modify_streams(False)
     client_gone.set()
     channel.close()
     assert double.head("out").files == {} and double.head("out").modify_streams == 0
@@ -155,7 +187,8 @@ def test_modify_file_on_a_branch_with_a_finished_head_makes_a_one_off_commit(dou
     before = double.head("out")
     client.pfs.put_file_from_bytes(commit=pfs.Commit(branch=MASTER), path="/one", data=b"off")
     head = double.head("out")
-    assert head.parent_id == before.id and head.finished and head.files == {"/one": b"off"}
+    assert head.parent_id == before.id and head.files == {"/one": b"off"}
+    wait_until(lambda: double.head("out").finished, 5, "the one-off commit to finish")
 
 
 def test_drop_commit_set_moves_the_head_back(double, client):
@@ -173,6 +206,16 @@ def test_drop_commit_set_moves_the_head_back(double, client):
     client.pfs.start_commit(branch=MASTER)
     error = rpc_error(lambda: client.pfs.drop_commit_set(commit_set=pfs.CommitSet(id=first.id)))
     assert "cannot drop a commit that has children" in error.details()
+
+
+def test_dropping_a_branch_s_only_commit_leaves_an_empty_one(double, client):
+    double.create_repo("plain")
+    plain = pfs.Branch.from_uri("default/plain@master")
+    commit = client.pfs.start_commit(branch=plain)
+    client.pfs.drop_commit_set(commit_set=pfs.CommitSet(id=commit.id))
+    [empty] = double.commits("plain")  # deleteCommit: makeEmptyCommit for a headless branch
+    assert empty.id != commit.id and empty.finished and empty.files == {}
+    assert empty.parent_id is None
 
 
 @pytest.mark.parametrize("token, text", [
@@ -194,7 +237,7 @@ def test_a_missing_or_wrong_token_is_refused(double, token, text, monkeypatch):
 
 def test_without_a_token_auth_is_off():
     with PachdDouble().start() as open_double:
-        open_double.create_repo("out")
+        open_double.create_pipeline_repo("out")
         anyone = Client("127.0.0.1", open_double.port)
         assert anyone.pfs.inspect_branch(branch=MASTER).head.id == open_double.head("out").id
         with pytest.raises(AuthServiceNotActivated):
@@ -279,7 +322,8 @@ def test_a_delayed_finish_reply_is_applied_before_the_answer_is_lost(double, cli
     caller = threading.Thread(target=finish)
     caller.start()
     assert double.finish_applied.wait(5)
-    assert double.head("out").finished and double.head("out").description == "offsets"
+    wait_until(lambda: double.head("out").finished, 5, "the commit to finish")
+    assert double.head("out").description == "offsets"
     assert not outcome  # applied, not yet answered
     double.stop()
     caller.join(5)
@@ -355,4 +399,4 @@ client.pfs.modify_file(iter([pfs.ModifyFileRequest(set_commit=commit)] + [
         double.hold_modify_streams(False)
     assert double.head("out").files == {} and double.head("out").modify_streams == 0
     client.pfs.finish_commit(commit=commit)
-    assert double.head("out").finished
+    wait_until(lambda: double.head("out").finished, 5, "the commit to finish")

@@ -165,6 +165,44 @@ def test_a_bad_record_is_dead_lettered_or_skipped_by_shape():
     assert spout.decoded_shape("json", False, "skip")("t/1/42", bad, 7) == []
 
 
+def test_parquet_types_of_avro_schemas():
+    """The corners the registry tests do not reach: a recursive record, a union of several
+    types, local timestamps, times, a decimal on fixed, uuids inside an array's records."""
+    import fastavro
+    import pyarrow as pa
+    parsed = fastavro.parse_schema({"type": "record", "name": "Node", "fields": [
+        {"name": "v", "type": ["null", "int", "string"]},
+        {"name": "next", "type": ["null", "Node"]},
+        {"name": "local", "type": {"type": "long", "logicalType": "local-timestamp-micros"}},
+        {"name": "time", "type": {"type": "int", "logicalType": "time-millis"}},
+        {"name": "price", "type": {"type": "fixed", "name": "P", "size": 20,
+                                   "logicalType": "decimal", "precision": 40, "scale": 2}},
+        {"name": "items", "type": {"type": "array", "items": {
+            "type": "record", "name": "Item", "fields": [
+                {"name": "id", "type": {"type": "string", "logicalType": "uuid"}}]}}}]})
+    arrow_type, convert = spout.avro_arrow_type(pa, parsed, parsed["__named_schemas"], ())
+    assert arrow_type == pa.struct([
+        ("v", pa.string()), ("next", pa.string()), ("local", pa.timestamp("us")),
+        ("time", pa.time32("ms")), ("price", pa.decimal256(40, 2)),
+        ("items", pa.list_(pa.struct([("id", pa.string())])))])
+    document = {"v": 7, "next": {"v": "x", "next": None, "local": None, "time": None,
+                                 "price": None, "items": []},
+                "local": datetime.datetime(2024, 1, 2, 3, 4, 5), "time": datetime.time(23, 59),
+                "price": decimal.Decimal("-0.10"), "items": [{"id": uuid.UUID(int=1)}]}
+    [row] = pa.array([convert(document)], arrow_type).to_pylist()
+    assert (row["v"], json.loads(row["next"])["v"], row["items"]) == \
+        ("7", "x", [{"id": "00000000-0000-0000-0000-000000000001"}])
+    assert (row["local"], row["time"], row["price"]) == (
+        datetime.datetime(2024, 1, 2, 3, 4, 5), datetime.time(23, 59), decimal.Decimal("-0.10"))
+
+
+def test_a_parquet_file_per_run_of_one_schema_tombstones_riding_along():
+    keys = [None, 1, 1, None, 2, 2, None, 1]
+    runs = spout.schema_runs(list(range(len(keys))), keys.__getitem__)
+    assert runs == [[0, 1, 2, 3], [4, 5, 6], [7]]
+    assert spout.schema_runs([0, 1], [None, None].__getitem__) == [[0, 1]]
+
+
 def test_the_readme_example_spec_parses_strictly_and_configures_decode(tmp_path):
     """The "Schema Registry" section's spec: as pachctl 2.x parses it, and its environment as
     the spout reads it once the secret is mounted."""

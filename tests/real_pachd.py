@@ -37,6 +37,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from kafka_broker import port_open
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTPACHD = ROOT / ".cache" / "testpachd"
 POSTGRES_PORT = 30228       # dockertestenv.postgresPort
@@ -47,14 +49,6 @@ POSTGRES_PASSWORD = "correcthorsebatterystable"
 ROOT_TOKEN = "iamroot"      # src/testing/testpachd/main.go rootToken
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_PROJECT = "default"
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None,

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-kafka kafka-jars test-pachd testpachd demo bench soak venv clean
+.PHONY: test test-kafka kafka-jars registry test-registry test-pachd testpachd demo bench soak venv clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,23 @@ $(KAFKA_STAMP): tests/kafka/pom.xml
 # only it can run (marked kafka_reference).
 test-kafka: $(STAMP) $(KAFKA_STAMP)
 	SPOUT_TEST_BROKER=kafka $(PY) -m pytest $(PYTEST_ARGS)
+
+# A real Schema Registry (Apicurio Registry 2.4.2, Confluent-compatible API), assembled once by
+# Maven from Central into .cache/registry (Java 17+); tests/registry/pom.xml says how.
+REGISTRY_DIR := .cache/registry
+REGISTRY_JAR := $(REGISTRY_DIR)/apicurio-test-registry-1-runner.jar
+
+registry: $(REGISTRY_JAR)
+
+$(REGISTRY_JAR): tests/registry/pom.xml tests/registry/settings.xml
+	rm -rf $(REGISTRY_DIR)
+	mvn -q -B -Dstyle.color=never -s tests/registry/settings.xml -f tests/registry/pom.xml \
+		-Dregistry.build.directory=$(CURDIR)/$(REGISTRY_DIR) package
+	test -f $(REGISTRY_JAR)
+
+# DECODE=value|key,value against that registry: values made by confluent-kafka's serializers.
+test-registry: $(STAMP) $(REGISTRY_JAR)
+	SPOUT_TEST_REGISTRY=$(CURDIR)/$(REGISTRY_JAR) $(PY) -m pytest -m registry $(PYTEST_ARGS)
 
 # Real pachd: Pachyderm's own testpachd at v2.12.2 (the version pachyderm-sdk pins), built by
 # Go from the wrapper module in tests/pachd (its dex replace and seeded go.sum) into .cache/.

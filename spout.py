@@ -7,6 +7,8 @@ named pipe /pfs/out. The layers below build on each other from the top of the fi
 
   configuration  Config (frozen; every setting and its validation), parse_*, check_*
   naming         NameTemplate: a file's name from {topic} {partition} {offset} ...
+  decoding       DECODE: Confluent-framed values (Avro, Protobuf, JSON Schema) to documents
+                 through a Schema Registry; bad records and the registry's outages
   encoding       no I/O: tar archives, the marker and commit record, ModifyFile requests,
                  the message shapes of FORMAT (json, raw+meta)
   delivery       Delivery, one per Pachyderm generation: PipeDelivery (1.x, the pipe),
@@ -15,7 +17,7 @@ named pipe /pfs/out. The layers below build on each other from the top of the fi
                  per kind of file: MessageFiles (one file per message), Segments (one per
                  partition per batch, through JsonLinesWriter or ParquetWriter in encoding)
   the loop       Spout: the Kafka session (assign or subscribe, rebalances, offset
-                 commits) and the loop polling, batching, delivering, then committing
+                 commits) and the loop polling, decoding, batching, delivering, then committing
   metrics        MetricsMonitor: /metrics and /healthz
   main()         logging, signals, exit statuses
 """
@@ -25,6 +27,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import base64
+import datetime
+import decimal
 import errno
 import fcntl
 import hashlib
@@ -45,6 +49,7 @@ import tarfile
 import termios
 import threading
 import time
+import uuid
 import zlib
 from collections import deque
 from types import MappingProxyType
@@ -164,6 +169,52 @@ def parse_nonempty(text: str) -> str:
     return text.strip()
 
 
+def parse_decode(text: str) -> tuple[str, ...]:
+    """DECODE: none, value, or key,value (either order): the parts to decode."""
+    parts = {part.strip().lower() for part in text.split(",") if part.strip()}
+    if parts == {"none"}:
+        return ()
+    if not parts or not parts <= {"key", "value"} or "value" not in parts:
+        raise ValueError("must be none, value, or key,value")
+    return tuple(part for part in ("key", "value") if part in parts)
+
+
+def parse_registry_urls(text: str) -> tuple[str, ...]:
+    """One or more http(s)://host[:port][/path], comma-separated, as the Confluent client takes
+    them."""
+    from urllib.parse import urlsplit
+    urls = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+    if not urls:
+        raise ValueError("must list at least one http:// or https:// URL")
+    for url in urls:
+        shown = mask_url(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"{shown!r} is not a URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{shown!r} is not an http:// or https:// URL")
+        if port == 0 or parts.query or parts.fragment:
+            raise ValueError(f"{shown!r} is not a Schema Registry URL (http[s]://host[:port]"
+                             "[/path])")
+    return urls
+
+
+def parse_user_info(text: str) -> str:
+    """user:password; never echoed back, it is a secret."""
+    value = text.strip()
+    user, sep, _password = value.partition(":")
+    if not sep or not user:
+        raise ValueError("must be user:password")
+    return value
+
+
+def mask_url(url: str) -> str:
+    """A URL with the password of any user:password@ in it replaced by ***."""
+    return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
+
+
 # Pachyderm mounts this into every 2.x spout's container (worker_rc.go).
 DEFAULT_PACH_CONFIG = "/pachctl/config.json"
 # pachd's rule for project, repo and branch names (ValidateName in Pachyderm's source).
@@ -279,6 +330,30 @@ SETTINGS: tuple[Setting, ...] = (
             "marker mode: the spec's spout.marker name; resume exactly from it"),
     Setting("GROUP_INSTANCE_ID", "group_instance_id", parse_nonempty, None,
             "group mode: static membership, a restarted spout gets its partitions back"),
+    Setting("DECODE", "decode", parse_decode, "none",
+            "none, value or key,value: decode Confluent-framed Avro, Protobuf and JSON "
+            "Schema through SCHEMA_REGISTRY_URL"),
+    Setting("SCHEMA_REGISTRY_URL", "schema_registry_url", parse_registry_urls, None,
+            "with DECODE: the Schema Registry, one or more comma-separated URLs"),
+    Setting("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "schema_registry_user_info",
+            parse_user_info, None, "user:password for the registry (or ..._FILE)"),
+    Setting("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE", "schema_registry_user_info_file",
+            parse_nonempty, None, "a file holding the registry's user:password"),
+    Setting("SCHEMA_REGISTRY_BEARER_TOKEN", "schema_registry_bearer_token", parse_nonempty,
+            None, "a bearer token for the registry (or ..._FILE)"),
+    Setting("SCHEMA_REGISTRY_BEARER_TOKEN_FILE", "schema_registry_bearer_token_file",
+            parse_nonempty, None, "a file holding the registry's bearer token"),
+    Setting("SCHEMA_REGISTRY_SSL_CA_LOCATION", "schema_registry_ssl_ca_location",
+            parse_nonempty, None, "CA certificates (file or directory) the registry's "
+            "certificate is checked against"),
+    Setting("SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION",
+            "schema_registry_ssl_certificate_location", parse_nonempty, None,
+            "a client certificate for the registry (PEM)"),
+    Setting("SCHEMA_REGISTRY_SSL_KEY_LOCATION", "schema_registry_ssl_key_location",
+            parse_nonempty, None, "the client certificate's key (PEM)"),
+    Setting("ON_BAD_RECORD", "on_bad_record", parse_choice("dead-letter", "skip", "fail"),
+            "dead-letter", "with DECODE, a message that cannot be decoded: dead-letter "
+            "(its bytes to _errors/), skip (count and log) or fail (stop)"),
     Setting("LOG_LEVEL", "log_level", parse_choice("DEBUG", "INFO", "WARNING"), "INFO",
             "DEBUG, INFO or WARNING"),
     Setting("LOG_FORMAT", "log_format", parse_choice("text", "json"), "text",
@@ -373,6 +448,16 @@ class Config:
     metrics_port: int | None = None
     metrics_address: str = "0.0.0.0"
     health_max_delivery_seconds: float = 300.0
+    decode: tuple[str, ...] = ()
+    schema_registry_url: tuple[str, ...] = ()
+    schema_registry_user_info: str | None = dataclasses.field(default=None, repr=False)
+    schema_registry_bearer_token: str | None = dataclasses.field(default=None, repr=False)
+    # The setting a 401 or 403 answer from the registry points at.
+    schema_registry_credentials_source: str = "SCHEMA_REGISTRY_URL"
+    schema_registry_ssl_ca_location: str | None = None
+    schema_registry_ssl_certificate_location: str | None = None
+    schema_registry_ssl_key_location: str | None = None
+    on_bad_record: str = "dead-letter"
     kafka_options: Mapping[str, object] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))
 
@@ -416,6 +501,7 @@ class Config:
         if values.get("tombstones") == "keep" and values.get("format", "raw") == "raw":
             raise ConfigError("TOMBSTONES", "keep needs FORMAT=json, raw+meta, jsonl or "
                               "parquet: a raw file cannot tell a null value from an empty one")
+        values.update(registry_settings(values, sources))
         segments = values["format"] in SEGMENT_FORMATS
         if segments:
             values["name_template"] = segment_template(
@@ -467,6 +553,9 @@ class Config:
         for name in ("pach_token", "pach_root_certs"):
             fields[name] = "***" if fields[name] else None
         fields["output_repo"] = str(self.output_repo) if self.output_repo else None
+        for name in ("schema_registry_user_info", "schema_registry_bearer_token"):
+            fields[name] = "***" if fields[name] else None
+        fields["schema_registry_url"] = tuple(map(mask_url, self.schema_registry_url))
         fields["kafka_options"] = {
             name: ("***" if is_secret_option(name) else value)
             for name, value in self.kafka_options.items()}
@@ -614,6 +703,77 @@ def pachd_settings(values: Mapping[str, object], sources: Mapping[str, str],
     else:
         raise ConfigError(sources["output_repo"], "required outside a Pachyderm pipeline "
                           "(PPS_PIPELINE_NAME is not set), e.g. default/kafka@master")
+    return settings
+
+
+def read_secret_file(path: str, source: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as secret:
+            return secret.read().strip()
+    except OSError as error:
+        raise ConfigError(source, f"cannot read {path}: {error.strerror}") from None
+
+
+def registry_settings(values: dict, sources: Mapping[str, str]) -> dict[str, object]:
+    """DECODE's registry: where it is, who the spout is to it, the TLS files. Takes the
+    SCHEMA_REGISTRY_* values out of values and gives them back checked, secrets read."""
+    found = {field: values.pop(field) for field in list(values)
+             if field.startswith("schema_registry_")}
+    decode = values.get("decode", ())
+    if not decode:
+        if found:
+            first = sorted(found, key=lambda field: sources[field])[0]
+            raise ConfigError(sources[first], "set, but DECODE is none; set DECODE=value or "
+                              "key,value to decode through the Schema Registry")
+        return {}
+    if "schema_registry_url" not in found:
+        raise ConfigError(sources["schema_registry_url"], "required with DECODE="
+                          f"{','.join(decode)}")
+    if "key" in decode and values.get("format", "raw") == "raw":
+        raise ConfigError(sources["decode"], "key,value needs FORMAT=json, raw+meta, jsonl "
+                          "or parquet: a raw file holds the value only")
+    settings: dict[str, object] = {"schema_registry_url": found["schema_registry_url"]}
+    credentials: dict[str, tuple[str, str]] = {}
+    for field in ("schema_registry_user_info", "schema_registry_bearer_token"):
+        if field in found and f"{field}_file" in found:
+            raise ConfigError(sources[f"{field}_file"], f"set {sources[field]} or "
+                              f"{sources[field + '_file']}, not both")
+        if f"{field}_file" in found:
+            source = sources[f"{field}_file"]
+            secret = read_secret_file(str(found[f"{field}_file"]), source)
+            if not secret:
+                raise ConfigError(source, f"{found[f'{field}_file']} is empty")
+            if field == "schema_registry_user_info":
+                try:
+                    secret = parse_user_info(secret)
+                except ValueError as error:
+                    raise ConfigError(source, f"{found[f'{field}_file']}: {error}") from None
+            credentials[field] = (secret, source)
+        elif field in found:
+            credentials[field] = (str(found[field]), sources[field])
+    if len(credentials) == 2:
+        raise ConfigError(credentials["schema_registry_bearer_token"][1], "set basic auth or "
+                          "a bearer token for the Schema Registry, not both")
+    if "schema_registry_user_info" in credentials and any(
+            "@" in url.split("//", 1)[-1].split("/", 1)[0]
+            for url in settings["schema_registry_url"]):
+        raise ConfigError(sources["schema_registry_url"], "holds user:password@ and "
+                          f"{credentials['schema_registry_user_info'][1]} is set too; use one")
+    for field, (secret, source) in credentials.items():
+        settings[field] = secret
+        settings["schema_registry_credentials_source"] = source
+    for field in ("schema_registry_ssl_ca_location", "schema_registry_ssl_certificate_location",
+                  "schema_registry_ssl_key_location"):
+        if field in found:
+            path = str(found[field])
+            is_ca_directory = field.endswith("ca_location") and os.path.isdir(path)
+            if not is_ca_directory and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise ConfigError(sources[field], f"{path} is not a readable file")
+            settings[field] = path
+    if "schema_registry_ssl_key_location" in settings and \
+            "schema_registry_ssl_certificate_location" not in settings:
+        raise ConfigError(sources["schema_registry_ssl_key_location"], "needs "
+                          "SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION, the certificate it is for")
     return settings
 
 
@@ -863,6 +1023,575 @@ _TIMESTAMP = operator.attrgetter("timestamp")
 def key_hash(key: bytes | None) -> str:
     """16 hex digits of the key's SHA-256; "null" for no key (never hex)."""
     return "null" if key is None else hashlib.sha256(key).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- decoding
+# DECODE: the Confluent wire format (a zero byte, a 4-byte big-endian schema id, then Avro,
+# Protobuf or JSON) in, a plain JSON-ready document out. Writer schemas come from a Schema
+# Registry behind a small interface and are parsed once per id. fastavro, protobuf and
+# confluent-kafka are imported only here, and only when DECODE is set.
+
+MAGIC_BYTE = 0
+_SCHEMA_ID = struct.Struct(">I")
+# Protobuf schemas registered as .proto text are compiled this way; the base64 form (a
+# serialized FileDescriptorProto) needs no compiler.
+_BASE64_RE = re.compile(r"[A-Za-z0-9+/=\s]+")
+_WELL_KNOWN_PROTOS = ("any", "api", "duration", "empty", "field_mask", "source_context",
+                      "struct", "timestamp", "type", "wrappers", "descriptor")
+
+
+class BadRecord(Exception):
+    """A value or key that decoding cannot handle; ON_BAD_RECORD says what becomes of it.
+    reason is a short label (the metric's), detail one line for people."""
+
+    def __init__(self, reason: str, detail: str, schema_id: int | None = None):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.schema_id = reason, detail, schema_id
+
+
+class BadRecordFailure(Exception):
+    """ON_BAD_RECORD=fail met a bad record. str() is the single line shown to the user."""
+
+
+class RegistryUnreachable(Exception):
+    """The registry did not answer, or answered with a server error: try again later."""
+
+
+class UnknownSchema(Exception):
+    """The registry has no schema by that id (or subject and version)."""
+
+
+class RegistrySchema(NamedTuple):
+    """A schema as the registry holds it."""
+    schema_type: str                          # AVRO, PROTOBUF or JSON
+    text: str
+    references: tuple[tuple[str, str, int], ...]  # (name, subject, version)
+
+
+class SchemaRegistry:
+    """Where writer schemas come from. Raises UnknownSchema, RegistryUnreachable, or
+    ConfigError when the registry refuses the spout (401, 403)."""
+
+    where = ""
+
+    def by_id(self, schema_id: int) -> RegistrySchema:
+        raise NotImplementedError
+
+    def by_version(self, subject: str, version: int) -> RegistrySchema:
+        raise NotImplementedError
+
+
+class ConfluentSchemaRegistry(SchemaRegistry):
+    """confluent-kafka's SchemaRegistryClient: auth, TLS, several URLs. Its own retries are
+    off: the spout's back-off waits instead, so that /healthz and a stop are heard."""
+
+    def __init__(self, config: Config):
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+        settings: dict[str, object] = {"url": ",".join(config.schema_registry_url),
+                                       "max.retries": 0, "timeout": 10}
+        if config.schema_registry_user_info:
+            settings["basic.auth.user.info"] = config.schema_registry_user_info
+        if config.schema_registry_bearer_token:
+            # The static token is sent as "Authorization: Bearer"; the client also wants a
+            # logical cluster, which only Confluent Cloud reads (an empty one otherwise).
+            settings.update({"bearer.auth.credentials.source": "STATIC_TOKEN",
+                             "bearer.auth.token": config.schema_registry_bearer_token,
+                             "bearer.auth.logical.cluster": ""})
+        for field, option in (("schema_registry_ssl_ca_location", "ssl.ca.location"),
+                              ("schema_registry_ssl_certificate_location",
+                               "ssl.certificate.location"),
+                              ("schema_registry_ssl_key_location", "ssl.key.location")):
+            if getattr(config, field):
+                settings[option] = getattr(config, field)
+        self.where = f"the Schema Registry at {','.join(map(mask_url, config.schema_registry_url))}"
+        self.credentials_source = config.schema_registry_credentials_source
+        try:
+            self.client = SchemaRegistryClient(settings)
+        except (ValueError, OSError) as error:   # e.g. a certificate that does not load
+            raise ConfigError("SCHEMA_REGISTRY_URL", f"{error}") from None
+
+    def _ask(self, call, *args):
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+        try:
+            return call(*args)
+        except SchemaRegistryError as error:
+            status = error.http_status_code
+            if status in (401, 403):
+                raise ConfigError(self.credentials_source, f"{self.where} answered {status} "
+                                  f"({error.error_message}): the spout is not allowed to read "
+                                  "schemas") from None
+            if status == 404:
+                raise UnknownSchema(error.error_message) from None
+            raise RegistryUnreachable(f"{self.where} answered {status} "
+                                      f"({error.error_message})") from None
+        except ConfigError:
+            raise
+        except Exception as error:  # httpx's transport errors: refused, reset, timed out
+            raise RegistryUnreachable(f"{self.where} is unreachable "
+                                      f"({type(error).__name__}: {error})") from None
+
+    @staticmethod
+    def _schema(schema) -> RegistrySchema:
+        return RegistrySchema(schema.schema_type or "AVRO", schema.schema_str,
+                              tuple((ref.name, ref.subject, ref.version)
+                                    for ref in schema.references or ()))
+
+    def by_id(self, schema_id: int) -> RegistrySchema:
+        return self._schema(self._ask(self.client.get_schema, schema_id))
+
+    def by_version(self, subject: str, version: int) -> RegistrySchema:
+        return self._schema(self._ask(self.client.get_version, subject, version).schema)
+
+
+class WriterSchema:
+    """A writer schema, parsed once per id. decode() takes the message's bytes (framing
+    included) and gives a document of plain Python values; `parsed` is the schema in its
+    library's form (fastavro's parsed schema, a protobuf file descriptor, a JSON Schema
+    document), for whoever needs the types."""
+
+    schema_type = ""
+
+    def __init__(self, schema_id: int, schema: RegistrySchema, parsed):
+        self.schema_id, self.schema, self.parsed = schema_id, schema, parsed
+
+    def decode(self, data: bytes):
+        raise NotImplementedError
+
+
+class AvroSchema(WriterSchema):
+    schema_type = "AVRO"
+
+    def __init__(self, schema_id: int, schema: RegistrySchema, parsed):
+        super().__init__(schema_id, schema, parsed)
+        from fastavro import schemaless_reader
+        self._read = schemaless_reader
+
+    def decode(self, data: bytes):
+        stream = io.BytesIO(data)
+        stream.seek(5)
+        try:
+            document = self._read(stream, self.parsed, None)
+        except Exception as error:
+            raise BadRecord("corrupt-payload", f"not Avro of schema {self.schema_id} "
+                            f"({type(error).__name__}: {error})", self.schema_id) from None
+        if stream.tell() != len(data):
+            raise BadRecord("corrupt-payload", f"{len(data) - stream.tell()} byte(s) left over "
+                            f"after a record of schema {self.schema_id}", self.schema_id)
+        return document
+
+
+class ProtobufSchema(WriterSchema):
+    schema_type = "PROTOBUF"
+
+    def __init__(self, schema_id: int, schema: RegistrySchema, parsed):
+        super().__init__(schema_id, schema, parsed)
+        self.classes: dict[bytes, type] = {}   # the message-index bytes -> message class
+
+    def decode(self, data: bytes):
+        indexes, start = read_message_indexes(data, 5, self.schema_id)
+        framing = data[5:start]
+        message_class = self.classes.get(framing)
+        if message_class is None:
+            message_class = self.classes[framing] = self._message_class(indexes)
+        try:
+            message = message_class.FromString(data[start:])
+        except Exception as error:
+            raise BadRecord("corrupt-payload", f"not Protobuf of schema {self.schema_id} "
+                            f"({type(error).__name__}: {error})", self.schema_id) from None
+        return protobuf_document(message)
+
+    def _message_class(self, indexes: list[int]) -> type:
+        from google.protobuf.message_factory import GetMessageClass
+        messages = self.parsed.message_types_by_name
+        descriptors = list(messages.values())
+        descriptor = None
+        for index in indexes:
+            if not 0 <= index < len(descriptors):
+                raise BadRecord("corrupt-payload", f"message index {indexes} is not in schema "
+                                f"{self.schema_id}", self.schema_id)
+            descriptor = descriptors[index]
+            descriptors = list(descriptor.nested_types)
+        return GetMessageClass(descriptor)
+
+
+class JsonSchema(WriterSchema):
+    schema_type = "JSON"
+
+    def decode(self, data: bytes):
+        try:
+            return json.loads(data[5:])
+        except ValueError as error:
+            raise BadRecord("corrupt-payload", f"not JSON ({error})", self.schema_id) from None
+
+
+def read_message_indexes(data: bytes, start: int, schema_id: int) -> tuple[list[int], int]:
+    """Confluent's Protobuf framing: a zigzag varint count, then that many zigzag varint
+    indexes into the file's messages and their nested ones; a lone 0 means [0]."""
+    numbers: list[int] = []
+    position = start
+    wanted = None
+    while wanted is None or len(numbers) < wanted:
+        value = shift = 0
+        while True:
+            if position >= len(data) or shift > 63:
+                raise BadRecord("corrupt-payload", "message indexes cut short", schema_id)
+            byte = data[position]
+            position += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        value = (value >> 1) ^ -(value & 1)
+        if wanted is None:
+            if value == 0:
+                return [0], position
+            if not 0 < value <= 100:
+                raise BadRecord("corrupt-payload", f"{value} message indexes", schema_id)
+            wanted = value
+        else:
+            numbers.append(value)
+    return numbers, position
+
+
+def protobuf_document(message) -> dict:
+    """Every field of the message, by its .proto name: unset fields with presence as None,
+    others at their (default) value, so each message of a type has the same keys."""
+    document: dict = {}
+    for field in message.DESCRIPTOR.fields:
+        name = field.name
+        if field.has_presence and not message.HasField(name):
+            document[name] = None
+            continue
+        value = getattr(message, name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            document[name] = {key: _protobuf_value(value_field, item)
+                              for key, item in value.items()}
+        elif field.is_repeated:
+            document[name] = [_protobuf_value(field, item) for item in value]
+        else:
+            document[name] = _protobuf_value(field, value)
+    return document
+
+
+def _protobuf_value(field, value):
+    if field.enum_type is not None:
+        known = field.enum_type.values_by_number.get(value)
+        return known.name if known is not None else value
+    if field.message_type is None:
+        return value
+    name = field.message_type.full_name
+    if name == "google.protobuf.Timestamp":
+        return value.ToDatetime(tzinfo=datetime.timezone.utc)
+    if name.startswith("google.protobuf.") and name.endswith("Value") and \
+            "value" in field.message_type.fields_by_name and \
+            name not in ("google.protobuf.Value", "google.protobuf.ListValue"):
+        return value.value   # the wrappers: Int64Value, StringValue, ...
+    if name in ("google.protobuf.Struct", "google.protobuf.Value",
+                "google.protobuf.ListValue", "google.protobuf.Duration",
+                "google.protobuf.FieldMask", "google.protobuf.Any"):
+        from google.protobuf import json_format
+        return json_format.MessageToDict(value)
+    return protobuf_document(value)
+
+
+def json_document_default(value):
+    """json.dumps' fallback for what decoders give beyond JSON's types: one stable form each
+    (README, "Schema Registry")."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"base64": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            return value.isoformat(timespec="microseconds")
+        if value.utcoffset():
+            value = value.astimezone(datetime.timezone.utc)
+        return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# Made once: json.dumps with options builds an encoder per call, about a microsecond.
+_DOCUMENT_ENCODER = json.JSONEncoder(ensure_ascii=False, default=json_document_default)
+
+
+def document_json(document) -> bytes:
+    return _DOCUMENT_ENCODER.encode(document).encode()
+
+
+class SchemaCache:
+    """Writer schemas by id, each fetched and parsed once (an unknown id too: it is
+    remembered as unknown)."""
+
+    def __init__(self, registry: SchemaRegistry):
+        self.registry = registry
+        self.schemas: dict[int, WriterSchema] = {}
+        self.unknown: dict[int, str] = {}
+
+    def writer_schema(self, schema_id: int) -> WriterSchema:
+        """Raises BadRecord for an unknown or unusable schema, RegistryUnreachable."""
+        found = self.schemas.get(schema_id)
+        if found is not None:
+            return found
+        if schema_id in self.unknown:
+            raise BadRecord("unknown-schema-id", self.unknown[schema_id], schema_id)
+        try:
+            schema = self.registry.by_id(schema_id)
+        except UnknownSchema as error:
+            self.unknown[schema_id] = f"schema {schema_id} is not in the registry ({error})"
+            raise BadRecord("unknown-schema-id", self.unknown[schema_id], schema_id) from None
+        try:
+            parsed = self._parse(schema_id, schema)
+        except (RegistryUnreachable, ConfigError):
+            raise
+        except Exception as error:
+            self.unknown[schema_id] = (f"schema {schema_id} ({schema.schema_type}) cannot be "
+                                       f"used: {type(error).__name__}: {error}")
+            log.warning("%s", self.unknown[schema_id])
+            raise BadRecord("unusable-schema", self.unknown[schema_id], schema_id) from None
+        self.schemas[schema_id] = parsed
+        log.info("schema %d: %s", schema_id, schema.schema_type)
+        return parsed
+
+    def _parse(self, schema_id: int, schema: RegistrySchema) -> WriterSchema:
+        if schema.schema_type == "AVRO":
+            return AvroSchema(schema_id, schema, self._avro(schema, {}))
+        if schema.schema_type == "PROTOBUF":
+            return ProtobufSchema(schema_id, schema, self._protobuf(schema_id, schema))
+        if schema.schema_type == "JSON":
+            return JsonSchema(schema_id, schema, json.loads(schema.text))
+        raise ValueError(f"schema type {schema.schema_type!r} is not AVRO, PROTOBUF or JSON")
+
+    def _avro(self, schema: RegistrySchema, named: dict):
+        """Referenced schemas first (named types that live in other subjects), then this one
+        against them."""
+        from fastavro import parse_schema
+        for _name, subject, version in schema.references:
+            self._avro(self.registry.by_version(subject, version), named)
+        return parse_schema(json.loads(schema.text), named)
+
+    def _protobuf(self, schema_id: int, schema: RegistrySchema):
+        """A descriptor pool of its own per id (two versions of one file share its name): the
+        references' files, the well-known ones they import, then this one's."""
+        from google.protobuf import descriptor_pool
+        pool = descriptor_pool.DescriptorPool()
+        added: set[str] = set()
+        main = self._file_protos(schema, f"schema-{schema_id}.proto", pool, added)
+        return pool.FindFileByName(main)
+
+    def _file_protos(self, schema: RegistrySchema, name: str, pool, added: set) -> str:
+        """Adds schema's file (and all it imports) to pool; returns the name it has there."""
+        from google.protobuf import descriptor_pb2
+        for ref_name, subject, version in schema.references:
+            if ref_name not in added:
+                self._file_protos(self.registry.by_version(subject, version), ref_name, pool,
+                                  added)
+        if _BASE64_RE.fullmatch(schema.text):
+            files = [descriptor_pb2.FileDescriptorProto.FromString(
+                base64.b64decode(schema.text, validate=False))]
+        else:
+            files = compile_proto_text(schema.text, name, self._proto_texts(schema))
+        for proto in files:
+            if proto.name in added:
+                continue
+            for dependency in proto.dependency:
+                if dependency not in added:
+                    well_known = well_known_file(dependency)
+                    if well_known is not None:
+                        pool.Add(well_known)
+                        added.add(dependency)
+            pool.Add(proto)
+            added.add(proto.name)
+        return files[-1].name
+
+    def _proto_texts(self, schema: RegistrySchema) -> dict[str, str]:
+        """The .proto texts a text schema imports, by import path, for the compiler."""
+        texts: dict[str, str] = {}
+        for ref_name, subject, version in schema.references:
+            referenced = self.registry.by_version(subject, version)
+            texts.update(self._proto_texts(referenced))
+            texts[ref_name] = referenced.text
+        return texts
+
+
+def well_known_file(name: str):
+    """The FileDescriptorProto of an import that is no subject of the registry's: protobuf's
+    well-known types, Confluent's meta.proto and decimal types. None if it is neither."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    import importlib
+    for module in _WELL_KNOWN_PROTOS:
+        importlib.import_module(f"google.protobuf.{module}_pb2")
+    try:
+        importlib.import_module("confluent_kafka.schema_registry.confluent.meta_pb2")
+        importlib.import_module("confluent_kafka.schema_registry.confluent.types.decimal_pb2")
+    except ImportError:
+        pass
+    try:
+        found = descriptor_pool.Default().FindFileByName(name)
+    except KeyError:
+        return None
+    proto = descriptor_pb2.FileDescriptorProto()
+    found.CopyToProto(proto)
+    return proto
+
+
+def compile_proto_text(text: str, name: str, imports: Mapping[str, str]) -> list:
+    """.proto text (as Java clients register it, and as Apicurio gives back whatever the
+    format asked for) to FileDescriptorProtos, imports first, through the protoc that
+    grpcio-tools carries. Only schemas registered as text come here, once per id."""
+    import importlib.resources
+    import tempfile
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
+    with tempfile.TemporaryDirectory(prefix="kafka-spout-proto-") as directory:
+        for path, source in {**imports, name: text}.items():
+            target = os.path.join(directory, path)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "w", encoding="utf-8") as proto_file:
+                proto_file.write(source)
+        output = os.path.join(directory, "descriptors.pb")
+        includes = str(importlib.resources.files("grpc_tools") / "_proto")
+        status = protoc.main(["protoc", f"-I{directory}", f"-I{includes}", "--include_imports",
+                              f"--descriptor_set_out={output}", os.path.join(directory, name)])
+        if status != 0:
+            raise ValueError(f"protoc could not compile it (status {status})")
+        with open(output, "rb") as descriptors:
+            return list(descriptor_pb2.FileDescriptorSet.FromString(descriptors.read()).file)
+
+
+class DecodedRecord(NamedTuple):
+    """A polled record with what decoding made of it. key and value stay the message's bytes
+    (names, sizes and dead letters use them); the documents are beside them."""
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    timestamp_type: int
+    key: bytes | None
+    value: bytes | None
+    headers: list
+    document: object = None            # the decoded value; None for a tombstone
+    schema_id: int | None = None
+    key_document: object = None        # DECODE=key,value: the decoded key
+    key_schema_id: int | None = None
+    problem: BadRecord | None = None   # set aside by ON_BAD_RECORD instead
+
+
+REGISTRY_BACKOFF_MAX = 30.0
+
+
+class Decoding:
+    """DECODE in the loop: a poll's records in, DecodedRecords out, in order. A registry that
+    cannot be reached is waited out with back-off, the poll held back whole: nothing is
+    written undecoded. Bad records are marked (dead-letter, skip) or stop the spout (fail)."""
+
+    def __init__(self, config: Config, stop: threading.Event,
+                 registry: SchemaRegistry | None = None):
+        self.config = config
+        self.stop = stop
+        self.registry = registry or ConfluentSchemaRegistry(config)
+        self.schemas = SchemaCache(self.registry)
+        self.keys = "key" in config.decode
+        self.bad_records: dict[tuple[str, str], int] = {}   # (topic, reason) -> count
+        # Read by the metrics server's thread; set by the loop's.
+        self.down_since: float | None = None
+        self.down_reason = ""
+
+    def unreachable(self) -> tuple[float, str] | None:
+        """As Delivery.unreachable(): since when, and what, while a poll waits for it."""
+        since = self.down_since
+        return None if since is None else (since, self.down_reason)
+
+    def decode_bytes(self, data: bytes) -> tuple[object, int]:
+        """(document, schema id) of one framed value or key. Raises BadRecord,
+        RegistryUnreachable, ConfigError."""
+        if len(data) < 5 or data[0] != MAGIC_BYTE:
+            raise BadRecord("no-magic-byte", "not in the Confluent wire format (a zero byte "
+                            "and a 4-byte schema id first)")
+        schema_id = _SCHEMA_ID.unpack_from(data, 1)[0]
+        return self.schemas.writer_schema(schema_id).decode(data), schema_id
+
+    def decode(self, records: Mapping) -> dict:
+        """The hot path: values of schemas already parsed are decoded inline; everything else
+        (keys, tombstones, new ids, bad records, an outage) takes _decode_record."""
+        schemas = self.schemas.schemas
+        unpack = _SCHEMA_ID.unpack_from
+        inline = not self.keys
+        decoded = {}
+        for tp, messages in records.items():
+            out = []
+            append = out.append
+            for record in messages:
+                value = record.value
+                if inline and value is not None and len(value) >= 5 and value[0] == MAGIC_BYTE:
+                    schema = schemas.get(unpack(value, 1)[0])
+                    if schema is not None:
+                        try:
+                            append(DecodedRecord(
+                                record.topic, record.partition, record.offset,
+                                record.timestamp, record.timestamp_type, record.key, value,
+                                record.headers, schema.decode(value), schema.schema_id))
+                            continue
+                        except BadRecord:
+                            pass
+                append(self._decode_record(record))
+            decoded[tp] = out
+        return decoded
+
+    def _decode_record(self, record) -> DecodedRecord:
+        delay = 0.5
+        while True:
+            try:
+                result = self._try_decode(record)
+            except RegistryUnreachable as error:
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning("%s; decoding waits, nothing is written undecoded (retrying "
+                                "with back-off)", error)
+                self.down_reason = str(error)
+                if self.stop.wait(delay):
+                    raise Stopped("stopped while the Schema Registry was unreachable")
+                delay = min(delay * 2, REGISTRY_BACKOFF_MAX)
+                continue
+            if self.down_since is not None:
+                log.info("%s answers again after %.0fs", self.registry.where,
+                         time.monotonic() - self.down_since)
+                self.down_since = None
+            return result
+
+    def _try_decode(self, record) -> DecodedRecord:
+        value, key = record.value, record.key
+        document = schema_id = key_document = key_schema_id = None
+        try:
+            part = "value"
+            if value is not None:
+                document, schema_id = self.decode_bytes(value)
+            if self.keys and key is not None:
+                part = "key"
+                key_document, key_schema_id = self.decode_bytes(key)
+        except BadRecord as problem:
+            if part == "key":
+                problem = BadRecord(f"key-{problem.reason}", f"key: {problem.detail}",
+                                    problem.schema_id)
+            return self._bad(record, problem)
+        return DecodedRecord(record.topic, record.partition, record.offset, record.timestamp,
+                             record.timestamp_type, key, value, record.headers, document,
+                             schema_id, key_document, key_schema_id)
+
+    def _bad(self, record, problem: BadRecord) -> DecodedRecord:
+        where = f"{record.topic}/{record.partition} offset {record.offset}"
+        if self.config.on_bad_record == "fail":
+            raise BadRecordFailure(f"{where}: {problem} (ON_BAD_RECORD=fail: nothing from "
+                                   "this offset on is committed)")
+        counted = (record.topic, problem.reason)
+        self.bad_records[counted] = self.bad_records.get(counted, 0) + 1
+        log.warning("%s: %s; %s", where, problem, "dead-lettered to _errors/" if
+                    self.config.on_bad_record == "dead-letter" else "skipped (ON_BAD_RECORD=skip)")
+        return DecodedRecord(record.topic, record.partition, record.offset, record.timestamp,
+                             record.timestamp_type, record.key, record.value, record.headers,
+                             schema_id=problem.schema_id, problem=problem)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -1116,6 +1845,58 @@ FORMATS: dict[str, Callable | None] = {"raw": None, "json": as_json_file,
                                        "raw+meta": as_raw_and_sidecar}
 
 
+def dead_letter_files(record, mtime: int) -> list[tuple[str, bytes, int]]:
+    """ON_BAD_RECORD=dead-letter: the message's bytes as they came, and why, under _errors/."""
+    name = f"_errors/{record.topic}/{record.partition}/{record.offset:020d}"
+    problem = record.problem
+    sidecar = record_metadata(record)
+    sidecar.update(reason=problem.reason, detail=problem.detail, schema_id=problem.schema_id)
+    return [(name, record.value or b"", mtime),
+            (name + ".json", json.dumps(sidecar, ensure_ascii=False).encode(), mtime)]
+
+
+def decoded_metadata(record, keys: bool) -> dict:
+    """A decoded record's metadata: FORMAT=json's, with the decoded key and key_schema_id
+    when keys are decoded."""
+    document = record_metadata(record)
+    if keys:
+        document["key"] = record.key_document if record.key_document is not None \
+            else document["key"]
+        document["key_schema_id"] = record.key_schema_id
+    return document
+
+
+def decoded_document(record, keys: bool) -> dict:
+    """FORMAT=json's document of a decoded record (FORMAT=jsonl's line): the metadata, the
+    decoded value and value_schema_id."""
+    document = decoded_metadata(record, keys)
+    document["value"] = record.document
+    document["value_schema_id"] = record.schema_id
+    return document
+
+
+def decoded_shape(format: str, keys: bool, on_bad_record: str) -> Callable:
+    """DECODE's counterpart of FORMATS: (name, DecodedRecord, mtime) -> files. raw: the value
+    as a JSON document; json: the metadata with the decoded value and value_schema_id;
+    raw+meta: the JSON document, and the sidecar with value_schema_id."""
+
+    def shape(name: str, record, mtime: int) -> list[tuple[str, bytes, int]]:
+        if record.problem is not None:
+            return dead_letter_files(record, mtime) if on_bad_record == "dead-letter" else []
+        if format == "raw":
+            return [(name, document_json(record.document), mtime)]
+        document = decoded_document(record, keys)
+        if format == "json":
+            return [(name, document_json(document), mtime)]
+        del document["value"]
+        if record.value is None:
+            document["value"] = None  # a kept tombstone: the file itself is empty
+        return [(name, b"" if record.value is None else document_json(record.document), mtime),
+                (name + ".meta.json", document_json(document), mtime)]
+
+    return shape
+
+
 # JSON strings as json.dumps(..., ensure_ascii=False) writes them (the C encoder, where built).
 _json_string = json.encoder.encode_basestring
 _KEY = operator.attrgetter("key")
@@ -1160,13 +1941,18 @@ def json_lines(records: Iterable) -> str:
 
 
 class JsonLinesWriter:
-    """FORMAT=jsonl: a segment's records, one FORMAT=json document a line, in their order."""
+    """FORMAT=jsonl: a segment's records, one FORMAT=json document a line, in their order.
+    With DECODE, DecodedRecords, each line FORMAT=json's decoded document."""
 
     def __init__(self, config: Config):
-        pass
+        self.decoded_keys = "key" in config.decode if config.decode else None
 
     def encode(self, records: Sequence) -> bytes:
-        return json_lines(records).encode()
+        if self.decoded_keys is None:
+            return json_lines(records).encode()
+        keys = self.decoded_keys
+        return b"".join(document_json(decoded_document(record, keys)) + b"\n"
+                        for record in records)
 
 
 class ParquetWriter:
@@ -1191,6 +1977,15 @@ class ParquetWriter:
         pa = self.pa
         return pa.field("value", pa.binary()), pa.array(list(map(_VALUE, records)), pa.binary())
 
+    def key_column(self, records: Sequence) -> tuple:
+        """The key column's field and array."""
+        pa = self.pa
+        return pa.field("key", pa.binary()), pa.array(list(map(_KEY, records)), pa.binary())
+
+    def extra_columns(self, records: Sequence) -> list[tuple]:
+        """Columns after headers, as (field, array): none here."""
+        return []
+
     def headers_column(self, records: Sequence):
         pa = self.pa
         ends, keys, values = [0], [], []
@@ -1214,21 +2009,23 @@ class ParquetWriter:
         if min(timestamps) < 0:  # -1: Kafka has no timestamp for the message
             timestamps = [None if timestamp < 0 else timestamp for timestamp in timestamps]
         value_field, values = self.value_column(records)
+        key_field, keys = self.key_column(records)
+        extra = self.extra_columns(records)
         fields = [pa.field("topic", pa.string(), nullable=False),
                   pa.field("partition", pa.int32(), nullable=False),
                   pa.field("offset", pa.int64(), nullable=False),
                   pa.field("timestamp", self.timestamp_type),
                   pa.field("timestamp_type", pa.string()),
-                  pa.field("key", pa.binary()), value_field,
-                  pa.field("headers", self.headers_type, nullable=False)]
+                  key_field, value_field,
+                  pa.field("headers", self.headers_type, nullable=False)] + \
+            [field for field, _ in extra]
         columns = [pa.array([first.topic] * count, pa.string()),
                    pa.array([first.partition] * count, pa.int32()),
                    pa.array(list(map(_OFFSET, records)), pa.int64()),
                    pa.array(timestamps, self.timestamp_type),
                    pa.array([TIMESTAMP_TYPES.get(record.timestamp_type) for record in records],
                             pa.string()),
-                   pa.array(list(map(_KEY, records)), pa.binary()), values,
-                   self.headers_column(records)]
+                   keys, values, self.headers_column(records)] + [array for _, array in extra]
         return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
     def encode(self, records: Sequence) -> bytes:
@@ -1269,6 +2066,227 @@ def fix_malloc_mmap_threshold(threshold: int = 128 * 1024) -> None:
     except (OSError, AttributeError):
         return
     mallopt(-3, threshold)   # M_MMAP_THRESHOLD in glibc's malloc.h
+
+
+class DecodedParquetWriter(ParquetWriter):
+    """FORMAT=parquet with DECODE: the value a typed column built from the writer schema
+    (Avro and Protobuf: a struct of the record's or message's fields; JSON Schema: the
+    document as JSON text), value_schema_id beside it; decoded keys as JSON text with
+    key_schema_id. Every file holds one writer schema (and Protobuf message type):
+    Segments starts a new file where schema_key() changes."""
+
+    def __init__(self, config: Config, schemas: SchemaCache):
+        super().__init__(config)
+        self.schemas = schemas
+        self.keys = "key" in config.decode
+        self.value_types: dict = {}   # schema_key -> (Arrow type, converter or None)
+        self.file_key = None
+
+    def schema_key(self, record):
+        """What decides the value column's type: the schema id, and for Protobuf the message
+        type's indexes; None for a kept tombstone, which goes with any."""
+        schema_id = record.schema_id
+        if schema_id is None or record.value is None:
+            return None
+        schema = self.schemas.schemas[schema_id]
+        if schema.schema_type == "PROTOBUF":
+            return schema_id, tuple(read_message_indexes(record.value, 5, schema_id)[0])
+        return schema_id, ()
+
+    def value_type(self, key) -> tuple:
+        found = self.value_types.get(key)
+        if found is None:
+            pa = self.pa
+            if key is None:
+                found = (pa.null(), None)
+            else:
+                schema = self.schemas.schemas[key[0]]
+                if schema.schema_type == "AVRO":
+                    found = avro_arrow_type(pa, schema.parsed,
+                                            schema.parsed.get("__named_schemas", {}), ())
+                elif schema.schema_type == "PROTOBUF":
+                    found = protobuf_arrow_type(
+                        pa, schema._message_class(list(key[1])).DESCRIPTOR, ())
+                else:
+                    found = (pa.string(), _json_text)
+            self.value_types[key] = found
+        return found
+
+    def encode(self, records: Sequence) -> bytes:
+        # The file's one schema: a row group of tombstones alone has the same columns.
+        self.file_key = next((key for key in map(self.schema_key, records) if key is not None),
+                             None)
+        return super().encode(records)
+
+    def value_column(self, records: Sequence) -> tuple:
+        pa = self.pa
+        arrow_type, convert = self.value_type(self.file_key)
+        documents = [record.document for record in records]
+        if convert is not None:
+            documents = [None if document is None else convert(document)
+                         for document in documents]
+        return pa.field("value", arrow_type), pa.array(documents, arrow_type)
+
+    def key_column(self, records: Sequence) -> tuple:
+        if not self.keys:
+            return super().key_column(records)
+        pa = self.pa
+        return pa.field("key", pa.string()), pa.array(
+            [None if record.key is None else _json_text(record.key_document)
+             for record in records], pa.string())
+
+    def extra_columns(self, records: Sequence) -> list[tuple]:
+        pa = self.pa
+        columns = [(pa.field("value_schema_id", pa.int32()),
+                    pa.array([record.schema_id for record in records], pa.int32()))]
+        if self.keys:
+            columns.append((pa.field("key_schema_id", pa.int32()),
+                            pa.array([record.key_schema_id for record in records], pa.int32())))
+        return columns
+
+
+def _json_text(document) -> str:
+    return _DOCUMENT_ENCODER.encode(document)
+
+
+def _record_converter(converters: dict) -> Callable | None:
+    """A converter for a dict whose named members need one; None if none does."""
+    if not converters:
+        return None
+    items = list(converters.items())
+
+    def convert(document):
+        if document is None:
+            return None
+        document = dict(document)
+        for name, member in items:
+            value = document.get(name)
+            if value is not None:
+                document[name] = member(value)
+        return document
+    return convert
+
+
+def _list_converter(member: Callable | None) -> Callable | None:
+    return None if member is None else (lambda values: [None if value is None else
+                                                        member(value) for value in values])
+
+
+def _map_converter(member: Callable | None) -> Callable | None:
+    return None if member is None else (lambda values: {key: None if value is None else
+                                                        member(value)
+                                                        for key, value in values.items()})
+
+
+_AVRO_PRIMITIVES = {"null": "null", "boolean": "bool_", "int": "int32", "long": "int64",
+                    "float": "float32", "double": "float64", "bytes": "binary",
+                    "string": "string"}
+
+
+def avro_arrow_type(pa, node, named: Mapping, within: tuple) -> tuple:
+    """(Arrow type, converter or None) for a node of a fastavro-parsed schema: records as
+    structs, arrays as lists, maps as maps, enums as strings, fixed as fixed-size binary,
+    logical types as Arrow's timestamp, date, time, decimal, uuid as a string. A union of
+    one type and null is that type; of several, and a record within itself, JSON text.
+    within: the record names being expanded (a recursive record ends there)."""
+    if isinstance(node, str):
+        if node in _AVRO_PRIMITIVES:
+            return getattr(pa, _AVRO_PRIMITIVES[node])(), None
+        if node in within:
+            return pa.string(), _json_text
+        return avro_arrow_type(pa, named[node], named, within)
+    if isinstance(node, list):
+        branches = [branch for branch in node if branch != "null"]
+        if len(branches) == 1:
+            return avro_arrow_type(pa, branches[0], named, within)
+        if not branches:
+            return pa.null(), None
+        return pa.string(), _json_text
+    logical, kind = node.get("logicalType"), node["type"]
+    if logical in ("timestamp-millis", "timestamp-micros", "local-timestamp-millis",
+                   "local-timestamp-micros") and kind == "long":
+        return pa.timestamp("ms" if logical.endswith("millis") else "us",
+                            None if logical.startswith("local") else "UTC"), None
+    if logical == "date" and kind == "int":
+        return pa.date32(), None
+    if logical == "time-millis" and kind == "int":
+        return pa.time32("ms"), None
+    if logical == "time-micros" and kind == "long":
+        return pa.time64("us"), None
+    if logical == "decimal" and kind in ("bytes", "fixed"):
+        precision, scale = node["precision"], node.get("scale", 0)
+        return (pa.decimal128 if precision <= 38 else pa.decimal256)(precision, scale), None
+    if logical == "uuid" and kind == "string":
+        return pa.string(), str
+    if kind == "record":
+        within = within + (node["name"],)
+        fields, converters = [], {}
+        for field in node["fields"]:
+            arrow_type, convert = avro_arrow_type(pa, field["type"], named, within)
+            fields.append(pa.field(field["name"], arrow_type))
+            if convert is not None:
+                converters[field["name"]] = convert
+        return pa.struct(fields), _record_converter(converters)
+    if kind == "enum":
+        return pa.string(), None
+    if kind == "fixed":
+        return pa.binary(node["size"]), None
+    if kind == "array":
+        item, convert = avro_arrow_type(pa, node["items"], named, within)
+        return pa.list_(item), _list_converter(convert)
+    if kind == "map":
+        item, convert = avro_arrow_type(pa, node["values"], named, within)
+        return pa.map_(pa.string(), item), _map_converter(convert)
+    return avro_arrow_type(pa, kind, named, within)   # {"type": "long"}, a logical unknown
+
+
+# FieldDescriptor.TYPE_* to Arrow; 14 (enum) and 10/11 (group, message) apart.
+_PROTOBUF_SCALARS = {1: "float64", 2: "float32", 3: "int64", 4: "uint64", 5: "int32",
+                     6: "uint64", 7: "uint32", 8: "bool_", 9: "string", 12: "binary",
+                     13: "uint32", 15: "int32", 16: "int64", 17: "int32", 18: "int64"}
+# Well-known messages protobuf_document() gives as JSON-like values: JSON text here.
+_PROTOBUF_AS_JSON = ("google.protobuf.Struct", "google.protobuf.Value",
+                     "google.protobuf.ListValue", "google.protobuf.Duration",
+                     "google.protobuf.FieldMask", "google.protobuf.Any")
+
+
+def protobuf_arrow_type(pa, message, within: tuple) -> tuple:
+    """(Arrow type, converter or None) for a message descriptor, as protobuf_document()
+    gives its values: a struct of its fields by .proto name."""
+    within = within + (message.full_name,)
+    fields, converters = [], {}
+    for field in message.fields:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            key_type, _ = _protobuf_field_type(pa, field.message_type.fields_by_name["key"],
+                                               within)
+            value_type, convert = _protobuf_field_type(
+                pa, field.message_type.fields_by_name["value"], within)
+            arrow_type, convert = pa.map_(key_type, value_type), _map_converter(convert)
+        else:
+            arrow_type, convert = _protobuf_field_type(pa, field, within)
+            if field.is_repeated:
+                arrow_type, convert = pa.list_(arrow_type), _list_converter(convert)
+        fields.append(pa.field(field.name, arrow_type))
+        if convert is not None:
+            converters[field.name] = convert
+    return pa.struct(fields), _record_converter(converters)
+
+
+def _protobuf_field_type(pa, field, within: tuple) -> tuple:
+    if field.enum_type is not None:   # names; a number the schema does not know as text
+        return pa.string(), str
+    message = field.message_type
+    if message is None:
+        return getattr(pa, _PROTOBUF_SCALARS[field.type])(), None
+    name = message.full_name
+    if name == "google.protobuf.Timestamp":
+        return pa.timestamp("us", "UTC"), None
+    if name in _PROTOBUF_AS_JSON or name in within:
+        return pa.string(), _json_text
+    if name.startswith("google.protobuf.") and name.endswith("Value") and \
+            "value" in message.fields_by_name:
+        return _protobuf_field_type(pa, message.fields_by_name["value"], within)
+    return protobuf_arrow_type(pa, message, within)
 
 
 SEGMENT_WRITERS = {"jsonl": JsonLinesWriter, "parquet": ParquetWriter}
@@ -2130,7 +3148,9 @@ class MessageFiles(Batcher):
 
     def __init__(self, config: Config, stats: Stats, ship: Callable[[], None]):
         super().__init__(config, stats, ship)
-        self.shape = FORMATS[config.format]
+        self.shape = decoded_shape(config.format, "key" in config.decode,
+                                   config.on_bad_record) if config.decode \
+            else FORMATS[config.format]
 
     def add(self, records: Mapping) -> None:
         """The hot path. A partition's polled list goes in whole, or in as few pieces as the
@@ -2231,10 +3251,17 @@ class Segments(Batcher):
     the template, one file per partition and hour of the messages' own timestamps, so that
     no file mixes two hours (Kafka Connect's TimeBasedPartitioner)."""
 
-    def __init__(self, config: Config, stats: Stats, ship: Callable[[], None]):
+    def __init__(self, config: Config, stats: Stats, ship: Callable[[], None],
+                 schemas: SchemaCache | None = None):
         super().__init__(config, stats, ship)
-        self.writer = SEGMENT_WRITERS[config.format](config)
+        self.writer = DecodedParquetWriter(config, schemas) \
+            if config.decode and config.format == "parquet" \
+            else SEGMENT_WRITERS[config.format](config)
         self.rows: dict = {}   # TopicPartition -> the open batch's records to write
+        # DECODE: bad records are no rows; ON_BAD_RECORD=dead-letter gives them files of
+        # their own under _errors/, in the same batch.
+        self.decoded = bool(config.decode)
+        self.dead_letters = config.on_bad_record == "dead-letter"
 
     def add(self, records: Mapping) -> None:
         limit_messages = self.rotation.max_messages
@@ -2275,6 +3302,8 @@ class Segments(Batcher):
             self.stats.tombstones += 1
             if not self.keep_tombstones:
                 piece = ()
+        if self.decoded and any(record.problem is not None for record in piece):
+            piece = self._set_aside(tp, piece)
         rows = self.rows.get(tp)
         if rows is None:
             rows = self.rows[tp] = []
@@ -2282,6 +3311,19 @@ class Segments(Batcher):
         if batch.records >= self.rotation.max_messages or \
                 batch.data_bytes >= self.rotation.max_bytes:
             self.ship()
+
+    def _set_aside(self, tp, piece: Sequence) -> list:
+        """The piece's good records; its bad ones' dead letters (if any) join the batch."""
+        batch = self.batch
+        good = []
+        for record in piece:
+            if record.problem is None:
+                good.append(record)
+            elif self.dead_letters:
+                for member in dead_letter_files(record, max(record.timestamp, 0) // 1000):
+                    batch.members.append(member)
+                    batch.partitions.append(tp)
+        return good
 
     def take(self) -> Batch:
         """Writes the open batch's segments: one partition at a time, each partition's
@@ -2309,29 +3351,52 @@ class Segments(Batcher):
         if not records:
             return ()
         if not self.names.uses_time:
-            return (records,)
-        hours: dict[int, list] = {}
-        for record in records:
-            hour = max(record.timestamp, 0) // 3_600_000
-            group = hours.get(hour)
-            if group is None:
-                group = hours[hour] = []
-            group.append(record)
-        return hours.values()
+            groups: Iterable[list] = (records,)
+        else:
+            hours: dict[int, list] = {}
+            for record in records:
+                hour = max(record.timestamp, 0) // 3_600_000
+                group = hours.get(hour)
+                if group is None:
+                    group = hours[hour] = []
+                group.append(record)
+            groups = hours.values()
+        schema_key = getattr(self.writer, "schema_key", None)
+        if schema_key is None:
+            return groups
+        return [run for group in groups for run in schema_runs(group, schema_key)]
 
     def drop(self, partitions: set) -> dict:
         for tp in partitions:
             self.rows.pop(tp, None)
         dropped = self.batch.drop(partitions)
         self.batch.data_bytes = sum(len(record.value or b"") for rows in self.rows.values()
-                                    for record in rows)
+                                    for record in rows) + self.batch.data_bytes  # dead letters
         self.batch.records = sum(map(len, self.rows.values())) if self.batch.offsets else 0
         return dropped
 
 
-def make_batcher(config: Config, stats: Stats, ship: Callable[[], None]) -> Batcher:
+def schema_runs(records: list, schema_key: Callable) -> list[list]:
+    """Records in runs of one schema_key, in their order: a file per writer schema, named by
+    its first offset. A record whose key is None (a kept tombstone) joins the run it is in."""
+    runs: list[list] = []
+    current = None
+    for record in records:
+        key = schema_key(record)
+        if runs and (key is None or key == current or current is None):
+            runs[-1].append(record)
+            if current is None:
+                current = key
+        else:
+            runs.append([record])
+            current = key
+    return runs
+
+
+def make_batcher(config: Config, stats: Stats, ship: Callable[[], None],
+                 schemas: SchemaCache | None = None) -> Batcher:
     if config.format in SEGMENT_FORMATS:
-        return Segments(config, stats, ship)
+        return Segments(config, stats, ship, schemas)
     return MessageFiles(config, stats, ship)
 
 
@@ -2385,9 +3450,13 @@ class Spout:
         self.topics = config.topics  # those consumed now: TOPIC, or TOPIC_PATTERN's matches
         self.stop = stop
         self.delivery = delivery or make_delivery(config, stop)
+        # DECODE: polls pass through decoding before they are batched; the batcher shapes
+        # files from what it made of them.
+        self.decoding = Decoding(config, stop) if config.decode else None
         self.abandoned = False   # a batch was given up: nothing after it may be delivered
         self.stats = Stats()
-        self.batcher = make_batcher(config, self.stats, self.flush)
+        self.batcher = make_batcher(config, self.stats, self.flush,
+                                    self.decoding.schemas if self.decoding else None)
         self.uncommitted: dict = {}
         # TopicPartition -> the next offset such that Pachyderm holds every record before it
         # that read_committed returns: what the group's offset may move to.
@@ -2763,8 +3832,9 @@ class Spout:
             return 0
         try:
             return self.consume()
-        except ConfigError:
-            # Pachyderm refused the spout: stop without committing anything more.
+        except (ConfigError, BadRecordFailure):
+            # Pachyderm or the registry refused the spout, or ON_BAD_RECORD=fail met a bad
+            # record: stop without committing anything more.
             self.delivery.close(time.monotonic() + 1.0)
             self.consumer.close(autocommit=False, timeout_ms=1000)
             raise
@@ -2807,6 +3877,8 @@ class Spout:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("polled %d record(s)", sum(map(len, records.values())))
                     self.monitor.polled(records)
+                    if self.decoding is not None:
+                        records = self.decoding.decode(records)  # waits out the registry
                     tombstones = self.stats.tombstones
                     self.add(records)
                     if self.stats.tombstones != tombstones:
@@ -2938,6 +4010,10 @@ class MetricsMonitor(Monitor):
                                      buckets=BATCH_MESSAGES_BUCKETS)
         self.batch_bytes = metric(histogram, "batch_bytes", "Bytes per commit",
                                   buckets=BATCH_BYTES_BUCKETS)
+        self.bad_records = metric(counter, "bad_records", "Messages DECODE could not handle "
+                                  "(dead-lettered or skipped, by ON_BAD_RECORD)",
+                                  ["topic", "reason"])
+        self.counted_bad_records: dict = {}
         prometheus.Info("kafka_spout", "The spout's version and settings",
                         registry=registry).info({
                             "version": __version__, "delivery": config.delivery,
@@ -3079,6 +4155,13 @@ class MetricsMonitor(Monitor):
             if total > self.counted_redeliveries:
                 self.redeliveries.inc(total - self.counted_redeliveries)
                 self.counted_redeliveries = total
+            decoding = self.spout.decoding
+            if decoding is not None:   # counted as they are met: a skipped one has no commit
+                for (topic, reason), seen in list(decoding.bad_records.items()):
+                    counted = self.counted_bad_records.get((topic, reason), 0)
+                    if seen > counted:
+                        self.bad_records.labels(topic, reason).inc(seen - counted)
+                        self.counted_bad_records[(topic, reason)] = seen
 
     # -- what the server's thread asks
     def health(self) -> tuple[bool, dict]:
@@ -3089,10 +4172,11 @@ class MetricsMonitor(Monitor):
         if down is not None and now - down > HEALTH_GRACE_SECONDS:
             problems.append(f"Kafka at {self.config.broker_address} has been unreachable "
                             f"for {now - down:.0f}s")
-        unreachable = self.spout.delivery.unreachable()
-        if unreachable is not None and now - unreachable[0] > HEALTH_GRACE_SECONDS:
-            problems.append(f"{unreachable[1]} for {now - unreachable[0]:.0f}s while "
-                            "batches wait")
+        for source in (self.spout.delivery, self.spout.decoding):
+            unreachable = source.unreachable() if source is not None else None
+            if unreachable is not None and now - unreachable[0] > HEALTH_GRACE_SECONDS:
+                problems.append(f"{unreachable[1]} for {now - unreachable[0]:.0f}s while "
+                                "batches wait")
         waiting = self.waiting_since
         if waiting is not None:
             stalled = now - max(waiting, self.progress_at)
@@ -3249,6 +4333,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except ConfigError as error:
         print(f"spout.py: error: {error}", file=sys.stderr)
         return 2
+    except BadRecordFailure as error:
+        print(f"spout.py: error: {error}", file=sys.stderr)
+        return 1
     finally:
         spout.monitor.close()
 

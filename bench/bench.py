@@ -722,7 +722,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer messages, for a smoke run")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
-    parser.add_argument("--only", choices=("e2e", "owned", "memory", "profile"), action="append",
+    parser.add_argument("--only", choices=("e2e", "owned", "memory", "profile", "decode"),
+                        action="append",
                         help="run only these parts (repeatable); default all")
     parser.add_argument("--sizes", help="comma-separated sizes to run, e.g. '200 B,10 KiB'")
     parser.add_argument("--bootstrap", help="use this broker (e.g. Apache Kafka) instead of "
@@ -742,7 +743,7 @@ def main() -> None:
     for path in args.compare:
         DELIVERIES[f"spout {Path(path).stem}"] = functools.partial(
             spout_pipe, script=Path(path).resolve())
-    parts = set(args.only or ("e2e", "owned", "memory", "profile"))
+    parts = set(args.only or ("e2e", "owned", "memory", "profile", "decode"))
     sizes = SIZES if not args.sizes else {
         label: SIZES[label] for label in (s.strip() for s in args.sizes.split(","))}
     e2e_counts = E2E_QUICK if args.quick else E2E_COUNTS
@@ -764,6 +765,9 @@ def main() -> None:
                                                "parquet", 64)
         results["memory_parquet_pachd"] = run_memory_pachd(
             args.bootstrap, 128 if args.quick else 256, "parquet", 64)
+    if "decode" in parts:   # DECODE's cost per 200 B Avro record: bench/decode.py
+        import decode
+        results["decode"] = decode.run(args.runs, 50_000 if args.quick else 200_000)
     if args.profile and "profile" in parts:
         out = Path(args.profile)
         out.mkdir(parents=True, exist_ok=True)
@@ -808,6 +812,9 @@ def print_table(results: dict) -> None:
             print(f"{label:>7} owned/physical {rows['owned_vs_physical']:.0%}   "
                   f"owned/seed {rows['owned_vs_seed']:.1f}x"
                   + ("   (target: owned <= 1.50 us/msg)" if label == "200 B" else ""))
+    if results.get("decode"):
+        import decode
+        decode.print_rows(results["decode"])
     for memory in (results.get("memory"), results.get("memory_parquet"),
                    results.get("memory_parquet_pachd")):
         if memory:

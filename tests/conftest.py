@@ -14,6 +14,11 @@ from pathlib import Path
 
 import pytest
 
+# python-pachyderm 6.3.3's generated code (the 1.x spec checks) predates protobuf 4; the
+# protobuf that DECODE and confluent-kafka's ProtobufSerializer need loads it only in its
+# pure-Python implementation, chosen before anything imports google.protobuf.
+os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+
 ROOT = Path(__file__).resolve().parent.parent
 SPOUT = ROOT / "spout.py"
 sys.path.insert(0, str(ROOT))

@@ -374,8 +374,7 @@ def readme_service_example() -> dict:
 def test_the_readme_service_example_parses_in_the_specs_as_pachctl_parses_them(spec):
     from google.protobuf import json_format
     from pachyderm_sdk.api import pps
-    from python_pachyderm.proto.pps import pps_pb2
-    from test_packaging import check_message
+    from test_packaging import check_message, create_pipeline_request
     example = readme_service_example()
     raw = json.loads((ROOT / spec).read_text())
     raw["transform"]["env"].update(example["transform"]["env"])
@@ -384,7 +383,7 @@ def test_the_readme_service_example_parses_in_the_specs_as_pachctl_parses_them(s
         check_message(pps.CreatePipelineRequest, raw, "")  # protojson: unknown fields fail
         request = pps.CreatePipelineRequest().from_dict(raw)
     else:
-        request = json_format.Parse(json.dumps(raw), pps_pb2.CreatePipelineRequest())
+        request = json_format.Parse(json.dumps(raw), create_pipeline_request()())
     assert request.service.internal_port == int(raw["transform"]["env"]["METRICS_PORT"])
     assert 30000 <= request.service.external_port <= 32767
     assert request.service.type == "NodePort"

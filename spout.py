@@ -3129,6 +3129,29 @@ class Batcher:
         """Batches one poll's records, shipping a batch whenever the rotation closes one."""
         raise NotImplementedError
 
+    def pieces(self, records: Mapping):
+        """(partition, records): each partition's polled list whole, or in as few pieces as
+        the message limit makes. Lazily: a piece's room is what the batch has left once the
+        piece before it is in (and the batch perhaps shipped)."""
+        limit_messages = self.rotation.max_messages
+        for tp, messages in records.items():
+            start, total = 0, len(messages)
+            while start < total:
+                room = max(limit_messages - self.batch.records, 1)
+                piece = messages if start == 0 and total <= room else \
+                    messages[start:start + room]
+                start += len(piece)
+                yield tp, piece
+
+    def piece_size(self, piece: Sequence) -> tuple[list, int]:
+        """The piece's values and their bytes; the byte limit itself if a tombstone (None)
+        is among them, so that it goes message by message."""
+        values = list(map(_VALUE, piece))
+        try:
+            return values, sum(map(len, values))
+        except TypeError:
+            return values, self.rotation.max_bytes
+
     def take(self) -> Batch:
         """The open batch, closed, its files made; a new one opens."""
         batch, self.batch = self.batch, Batch()
@@ -3158,26 +3181,15 @@ class MessageFiles(Batcher):
         message only where a piece would reach the byte limit, holds a tombstone, or the
         format is not raw.
         """
-        limit_messages = self.rotation.max_messages
         limit_bytes = self.rotation.max_bytes
         raw = self.shape is None
-        for tp, messages in records.items():
-            start, total = 0, len(messages)
-            while start < total:
-                room = max(limit_messages - self.batch.records, 1)
-                piece = messages if start == 0 and total <= room else \
-                    messages[start:start + room]
-                start += len(piece)
-                if raw:
-                    values = list(map(_VALUE, piece))
-                    try:
-                        size = sum(map(len, values))
-                    except TypeError:  # a tombstone (None) among them
-                        size = limit_bytes
-                    if self.batch.data_bytes + size < limit_bytes:
-                        self._add_piece(tp, piece, values, size)
-                        continue
-                self._add_each(tp, piece)
+        for tp, piece in self.pieces(records):
+            if raw:
+                values, size = self.piece_size(piece)
+                if self.batch.data_bytes + size < limit_bytes:
+                    self._add_piece(tp, piece, values, size)
+                    continue
+            self._add_each(tp, piece)
 
     def _add_piece(self, tp, piece: Sequence, values: list, size: int) -> None:
         """Raw values that fit the batch whole, with no tombstone among them."""
@@ -3264,30 +3276,19 @@ class Segments(Batcher):
         self.dead_letters = config.on_bad_record == "dead-letter"
 
     def add(self, records: Mapping) -> None:
-        limit_messages = self.rotation.max_messages
         limit_bytes = self.rotation.max_bytes
-        for tp, messages in records.items():
-            start, total = 0, len(messages)
-            while start < total:
-                room = max(limit_messages - self.batch.records, 1)
-                piece = messages if start == 0 and total <= room else \
-                    messages[start:start + room]
-                start += len(piece)
-                values = list(map(_VALUE, piece))
-                try:
-                    size = sum(map(len, values))
-                except TypeError:  # a tombstone (None) among them
-                    size = limit_bytes
-                if self.batch.data_bytes + size < limit_bytes:
-                    self._add_piece(tp, piece, size)
-                    continue
-                for record in piece:  # the byte limit falls inside, or tombstones
-                    value = record.value
-                    size = 0 if value is None else len(value)
-                    if size and self.batch.records and \
-                            self.batch.data_bytes + size > limit_bytes:
-                        self.ship()  # a message over the limit travels alone
-                    self._add_piece(tp, (record,), size)
+        for tp, piece in self.pieces(records):
+            size = self.piece_size(piece)[1]
+            if self.batch.data_bytes + size < limit_bytes:
+                self._add_piece(tp, piece, size)
+                continue
+            for record in piece:  # the byte limit falls inside, or tombstones
+                value = record.value
+                size = 0 if value is None else len(value)
+                if size and self.batch.records and \
+                        self.batch.data_bytes + size > limit_bytes:
+                    self.ship()  # a message over the limit travels alone
+                self._add_piece(tp, (record,), size)
 
     def _add_piece(self, tp, piece: Sequence, size: int) -> None:
         batch = self.batch

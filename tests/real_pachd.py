@@ -437,11 +437,16 @@ class RealPachd:
                 1 for info in self.client.pfs.glob_file(commit=commit, pattern="/**")
                 if info.file_type == pfs.FileType.FILE))
         except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND and \
-                    f"commit {commit.repo.project.name}/{commit.repo.name}@{commit.id} not found" \
-                    in (error.details() or ""):
+            if self._dropped(error, commit):
                 return 0
             raise
+
+    @staticmethod
+    def _dropped(error, commit) -> bool:
+        import grpc
+        return error.code() == grpc.StatusCode.NOT_FOUND and \
+            f"commit {commit.repo.project.name}/{commit.repo.name}@{commit.id} not found" \
+            in (error.details() or "")
 
     def read_files(self, commit) -> dict[str, bytes]:
         from pachyderm_sdk.api import pfs
@@ -462,7 +467,13 @@ class RealPachd:
                     if member.isfile():
                         files["/" + member.name.strip("/")] = archive.extractfile(member).read()
             return files
-        return self._readable(read)
+        import grpc
+        try:
+            return self._readable(read)
+        except grpc.RpcError as error:  # dropped meanwhile, as in count_files()
+            if self._dropped(error, commit):
+                return {}
+            raise
 
     def changed(self, commit, parent_id: str | None) -> set[str]:
         from pachyderm_sdk.api import pfs

@@ -2614,7 +2614,6 @@ class Outgoing(NamedTuple):
     batch: Batch
     topics: tuple[str, ...]
     positions: dict   # (topic, partition) -> next offset of every partition consumed, after it
-    commit: dict      # TopicPartition -> offset to commit to the group once Pachyderm holds it
 
 
 class Delivery:
@@ -2668,11 +2667,6 @@ class Delivery:
 
     def in_transit(self) -> bool:
         """Whether Pachyderm has yet to read part of what was sent to it (the loop's thread)."""
-        return False
-
-    def all_held(self) -> bool:
-        """Whether Pachyderm holds every batch sent and held() has returned them all (the
-        loop's thread). Until then the consumer's position is no delivered point."""
         return False
 
 
@@ -2729,11 +2723,6 @@ class PipeDelivery(Delivery):
         # The newest archive stays in flight after the reader has read it all (nothing tells
         # when its commit ends): bytes still unread are what waits.
         return bool(self.archives.in_flight) and self.archives.pipe.unread() > 0
-
-    def all_held(self) -> bool:
-        # The newest archive is held only once the reader moves on to the next one (or at
-        # exit), so while the spout runs this is rarely true after an archive.
-        return not self.archives.in_flight and not self.archives.delivered
 
 
 # A value is sent in pieces well under the 20 MB that pachd and the SDK accept per message.
@@ -3029,11 +3018,6 @@ class PfsDelivery(Delivery):
         delivered, self.delivered = self.delivered, []
         return delivered
 
-    def all_held(self) -> bool:
-        # send() returns only once FinishCommit went through; a commit it left unsettled
-        # (stopped mid-way) holds a batch that is not delivered.
-        return not self.delivered and self.unsettled is None
-
     def unreachable(self) -> tuple[float, str] | None:
         since = self.unreachable_since
         return None if since is None else (since, f"pachd at {self.address} is unreachable")
@@ -3072,31 +3056,55 @@ def make_delivery(config: Config, stop: threading.Event) -> Delivery:
 # offset commit apart in the same way; the offset commit stays with the loop.
 
 class Batch:
-    """Messages waiting to become one archive or commit."""
+    """Messages waiting to become one archive or commit.
+
+    Per partition it keeps the range and count of messages taken and the bytes they
+    weigh, whatever became of them (a file each, a segment's rows, a dead letter, a skipped
+    tombstone): take() is the only way in, drop() the only way out, so a rebalance takes
+    out exactly what was put in.
+    """
 
     def __init__(self):
         self.members: list[tuple[str, bytes, int]] = []
         self.partitions: list = []     # TopicPartition of each member, for rebalances
-        self.offsets: dict = {}
+        self.offsets: dict = {}        # TopicPartition -> the next offset after its last
         self.first_offsets: dict = {}
+        self.counts: dict = {}         # TopicPartition -> messages taken
+        self.sizes: dict = {}          # TopicPartition -> their bytes, counted as taken
         self.data_bytes = 0
         self.records = 0
         self.started = 0.0
         # Segments: messages written per topic, once the files are made (a file holds many).
         self.written: dict | None = None
 
+    def take(self, tp, first: int, end: int, count: int, size: int) -> None:
+        """Counts `count` messages of tp, offsets first..end-1, weighing `size` bytes."""
+        if not self.records:
+            self.started = time.monotonic()
+        if tp in self.offsets:
+            self.counts[tp] += count
+            self.sizes[tp] += size
+        else:
+            self.first_offsets[tp] = first
+            self.counts[tp] = count
+            self.sizes[tp] = size
+        self.offsets[tp] = end
+        self.records += count
+        self.data_bytes += size
+
     def drop(self, partitions: set) -> dict:
         """Forgets the messages of these partitions; returns where each one's began."""
-        keep = [i for i, tp in enumerate(self.partitions) if tp not in partitions]
-        self.members = [self.members[i] for i in keep]
-        self.partitions = [self.partitions[i] for i in keep]
-        self.data_bytes = sum(len(member[1]) for member in self.members)
         dropped = {}
         for tp in partitions:
-            self.offsets.pop(tp, None)
-            if tp in self.first_offsets:
+            if tp in self.offsets:
                 dropped[tp] = self.first_offsets.pop(tp)
-        self.records = len(self.members) if self.offsets else 0
+                del self.offsets[tp]
+                self.records -= self.counts.pop(tp)
+                self.data_bytes -= self.sizes.pop(tp)
+        if dropped:
+            keep = [i for i, tp in enumerate(self.partitions) if tp not in dropped]
+            self.members = [self.members[i] for i in keep]
+            self.partitions = [self.partitions[i] for i in keep]
         return dropped
 
 
@@ -3152,6 +3160,12 @@ class Batcher:
         except TypeError:
             return values, self.rotation.max_bytes
 
+    def ship_if_full(self) -> None:
+        batch = self.batch
+        if batch.records >= self.rotation.max_messages or \
+                batch.data_bytes >= self.rotation.max_bytes:
+            self.ship()
+
     def take(self) -> Batch:
         """The open batch, closed, its files made; a new one opens."""
         batch, self.batch = self.batch, Batch()
@@ -3194,14 +3208,8 @@ class MessageFiles(Batcher):
     def _add_piece(self, tp, piece: Sequence, values: list, size: int) -> None:
         """Raw values that fit the batch whole, with no tombstone among them."""
         batch = self.batch
-        if not batch.records:
-            batch.started = time.monotonic()
-        if tp not in batch.offsets:
-            batch.first_offsets[tp] = piece[0].offset
-        batch.offsets[tp] = piece[-1].offset + 1
         count = len(piece)
-        batch.records += count
-        batch.data_bytes += size
+        batch.take(tp, piece[0].offset, piece[-1].offset + 1, count, size)
         names = self.names.render_list(tp.topic, tp.partition, piece)
         timestamps = list(map(_TIMESTAMP, piece))
         if min(timestamps) >= 0:
@@ -3210,9 +3218,7 @@ class MessageFiles(Batcher):
             mtimes = (max(timestamp, 0) // 1000 for timestamp in timestamps)
         batch.members.extend(zip(names, values, mtimes))
         batch.partitions.extend(itertools.repeat(tp, count))
-        if batch.records >= self.rotation.max_messages or \
-                batch.data_bytes >= self.rotation.max_bytes:
-            self.ship()
+        self.ship_if_full()
 
     def _add_each(self, tp, messages: Sequence) -> None:
         """One message at a time: the byte limit may fall inside, tombstones, other formats."""
@@ -3229,12 +3235,7 @@ class MessageFiles(Batcher):
                     batch.data_bytes + len(value) > limit_bytes:
                 self.ship()  # a message over the limit travels alone
                 batch = self.batch
-            if not batch.records:
-                batch.started = time.monotonic()
-            if tp not in batch.offsets:
-                batch.first_offsets[tp] = offset
-            batch.records += 1
-            batch.offsets[tp] = offset + 1
+            size = 0
             if value is None:
                 self.stats.tombstones += 1
             if shape is None:
@@ -3244,14 +3245,15 @@ class MessageFiles(Batcher):
                                                  timestamp), value,
                                           max(timestamp, 0) // 1000))
                     batch.partitions.append(tp)
-                    batch.data_bytes += len(value)
+                    size = len(value)
             elif value is not None or keep_tombstones:
                 timestamp = record.timestamp
                 name = render(topic, partition, offset, record.key, timestamp)
                 for member in shape(name, record, max(timestamp, 0) // 1000):
                     batch.members.append(member)
                     batch.partitions.append(tp)
-                    batch.data_bytes += len(member[1])
+                    size += len(member[1])
+            batch.take(tp, offset, offset + 1, 1, size)
             if batch.records >= limit_messages or batch.data_bytes >= limit_bytes:
                 self.ship()
                 batch = self.batch
@@ -3291,14 +3293,7 @@ class Segments(Batcher):
                 self._add_piece(tp, (record,), size)
 
     def _add_piece(self, tp, piece: Sequence, size: int) -> None:
-        batch = self.batch
-        if not batch.records:
-            batch.started = time.monotonic()
-        if tp not in batch.offsets:
-            batch.first_offsets[tp] = piece[0].offset
-        batch.offsets[tp] = piece[-1].offset + 1
-        batch.records += len(piece)
-        batch.data_bytes += size
+        self.batch.take(tp, piece[0].offset, piece[-1].offset + 1, len(piece), size)
         if len(piece) == 1 and piece[0].value is None:  # tombstones come one at a time
             self.stats.tombstones += 1
             if not self.keep_tombstones:
@@ -3309,9 +3304,7 @@ class Segments(Batcher):
         if rows is None:
             rows = self.rows[tp] = []
         rows.extend(piece)
-        if batch.records >= self.rotation.max_messages or \
-                batch.data_bytes >= self.rotation.max_bytes:
-            self.ship()
+        self.ship_if_full()
 
     def _set_aside(self, tp, piece: Sequence) -> list:
         """The piece's good records; its bad ones' dead letters (if any) join the batch."""
@@ -3370,11 +3363,7 @@ class Segments(Batcher):
     def drop(self, partitions: set) -> dict:
         for tp in partitions:
             self.rows.pop(tp, None)
-        dropped = self.batch.drop(partitions)
-        self.batch.data_bytes = sum(len(record.value or b"") for rows in self.rows.values()
-                                    for record in rows) + self.batch.data_bytes  # dead letters
-        self.batch.records = sum(map(len, self.rows.values())) if self.batch.offsets else 0
-        return dropped
+        return self.batch.drop(partitions)
 
 
 def schema_runs(records: list, schema_key: Callable) -> list[list]:
@@ -3427,6 +3416,9 @@ STATS_INTERVAL = 30.0
 # SIGTERM to exit within 10 s: a poll (0.5 s) + a commit in progress (2 s) + this + close (1 s).
 SHUTDOWN_BUDGET = 6.0
 COMMIT_RETRY_SECONDS = 2.0
+# A newly assigned partition's committed offset: a broker that takes longer is out of reach,
+# and the loop must keep answering a stop.
+RESOLVE_TIMEOUT_MS = 5000
 # Group commits are for restarts and lag, not for delivery: once a second is plenty, and a
 # synchronous commit per archive would halve the rate on small messages.
 COMMIT_INTERVAL = 1.0
@@ -3435,36 +3427,260 @@ PARTITION_CHECK_INTERVAL = 30.0
 CONNECT_BACKOFF_MAX = 30.0
 
 
+class OffsetLedgerError(RuntimeError):
+    """An offset was about to pass a message that Pachyderm does not hold: a bug, stopped
+    before Kafka or Pachyderm is told anything wrong."""
+
+
+class Progress:
+    """Where one partition stands, each as the next offset after what it covers.
+
+    held <= handed, and polled follows the consumer. Messages in [handed, polled) wait in
+    decoding or the open batch; those in [held, handed), in batches sent and not yet held.
+    None: not known yet (a partition that starts wherever the consumer's reset puts it).
+    """
+    __slots__ = ("polled", "handed", "held", "committed", "owned", "resolved")
+
+    def __init__(self, offset: int | None = None):
+        self.polled = self.handed = self.held = offset
+        self.committed: int | None = None   # what this spout last told the group
+        self.owned = False
+        self.resolved = True   # group mode: False from assignment until its start is known
+
+    def waiting(self) -> bool:
+        """Polled messages that Pachyderm does not hold yet."""
+        return self.polled is not None and (self.held is None or self.polled > self.held)
+
+    def __repr__(self) -> str:
+        return (f"Progress(polled={self.polled}, handed={self.handed}, held={self.held}, "
+                f"committed={self.committed}, owned={self.owned}, resolved={self.resolved})")
+
+
+class Ledger:
+    """Each partition's progress, owned here alone: what was polled, what waits in decoding
+    or a batch, what Pachyderm was handed and what it holds, and what the group was told.
+    Every change is one of the methods below, and each keeps the one invariant:
+
+        neither the group's offset nor a record ever passes a message that Pachyderm
+        does not hold
+
+    so a group offset is only ever `held`, and a record (the commit description, the
+    marker) only ever `handed` at the moment its own batch is handed over: Pachyderm holds
+    the batches in the order they were handed (check_held), so by the time it holds the
+    record it holds all that the record passes.
+    """
+
+    def __init__(self, exactly_once: bool):
+        self.exactly_once = exactly_once
+        self.partitions: dict = {}        # TopicPartition -> Progress
+        self.in_flight: deque = deque()   # Outgoing handed over, not yet held, oldest first
+        self.given_up = False             # a batch was given up: nothing may follow it
+        self.unresolved: set = set()      # group mode: assigned, start not yet known
+
+    def __getitem__(self, tp) -> Progress:
+        return self.partitions[tp]
+
+    def get(self, tp) -> Progress | None:
+        return self.partitions.get(tp)
+
+    # -- where partitions start
+    def recorded(self, positions: Mapping) -> None:
+        """Pachyderm's record (the marker, or the last commit's description): it holds all
+        before these offsets."""
+        from kafka import TopicPartition
+        for key, offset in positions.items():
+            self.partitions[TopicPartition(*key)] = Progress(offset)
+
+    def started(self, tp, offset: int) -> None:
+        """Exactly-once: tp is this spout's from offset on (its record, else the group's
+        offset or the reset): all before it is held, or was never to be taken."""
+        progress = self.partitions.get(tp)
+        if progress is None or progress.held != offset:
+            progress = self.partitions[tp] = Progress(offset)
+        progress.owned = True
+
+    def assigned(self, partitions: Iterable) -> None:
+        """Group mode: the group gave these; each starts once resolve() knows where."""
+        for tp in partitions:
+            progress = self.partitions.get(tp)
+            if progress is None:
+                progress = self.partitions[tp] = Progress()
+            progress.owned, progress.resolved = True, False
+            self.unresolved.add(tp)
+
+    def resume_at(self, tp, committed: int | None) -> int | None:
+        """Where an assigned partition resumes: past what Pachyderm holds of it (this spout
+        handed it over, or its record says so) and past the group's offset (another spout
+        delivered that far since). None: nothing known, the consumer's reset decides."""
+        held = self.partitions[tp].held
+        if held is None:
+            return committed
+        return held if committed is None else max(held, committed)
+
+    def resolve(self, tp, offset: int | None, committed: int | None) -> None:
+        progress = self.partitions[tp]
+        if offset is not None:
+            if progress.held is not None and offset < progress.held:
+                raise OffsetLedgerError(f"{tp.topic}/{tp.partition} would resume at {offset}, "
+                                        f"before {progress.held} that Pachyderm holds")
+            progress.polled = progress.held = offset
+            progress.handed = offset if progress.handed is None else max(progress.handed,
+                                                                         offset)
+        progress.committed = committed
+        progress.resolved = True
+        self.unresolved.discard(tp)
+
+    def revoked(self, partitions: Iterable) -> None:
+        """The open batch's messages of these were dropped: the next owner reads them again.
+        What was handed over stays, to be held (and committed only if they come back)."""
+        for tp in partitions:
+            progress = self.partitions.get(tp)
+            if progress is not None:
+                progress.owned, progress.resolved = False, True
+                progress.polled = progress.handed
+            self.unresolved.discard(tp)
+
+    def forget(self, partitions: Iterable) -> None:
+        """Partitions gone from Kafka (their topic deleted): out of records and commits."""
+        for tp in partitions:
+            progress = self.partitions.pop(tp, None)
+            if progress is not None and progress.waiting():
+                log.warning("%s/%d is gone from Kafka with offsets %s..%d unheld", tp.topic,
+                            tp.partition, progress.held, progress.polled - 1)
+
+    # -- the loop's transitions
+    def polled(self, records: Mapping) -> None:
+        """A poll's records, before decoding: from now on they wait until Pachyderm holds
+        them."""
+        partitions = self.partitions
+        for tp, messages in records.items():
+            if messages:
+                progress = partitions.get(tp)
+                if progress is None:
+                    progress = partitions[tp] = Progress()
+                    progress.owned = True
+                if progress.held is None:   # started at the consumer's reset
+                    progress.held = progress.handed = messages[0].offset
+                progress.polled = messages[-1].offset + 1
+
+    def hand_over(self, batch: Batch, topics: tuple) -> Outgoing:
+        """A closed batch becomes an Outgoing: its record is every partition's `handed`
+        once this batch is counted in."""
+        if self.given_up:
+            raise Stopped("an earlier batch was given up")
+        partitions = self.partitions
+        for tp, end in batch.offsets.items():
+            progress = partitions.get(tp)
+            if progress is None:
+                raise OffsetLedgerError(f"a batch holds {tp.topic}/{tp.partition}, which "
+                                        "was never polled")
+            progress.handed = end if progress.handed is None else max(progress.handed, end)
+        positions = {tp: progress.handed for tp, progress in partitions.items()
+                     if progress.handed is not None}
+        outgoing = Outgoing(batch, topics, positions)
+        self.in_flight.append(outgoing)
+        return outgoing
+
+    def give_up(self, outgoing: Outgoing) -> None:
+        """Delivery stopped half way: the batch stays unheld, and no later one may go."""
+        self.given_up = True
+
+    def held(self, outgoing: Outgoing) -> None:
+        """Pachyderm holds this batch (the oldest handed over: deliveries keep order)."""
+        if not self.in_flight or self.in_flight[0] is not outgoing:
+            raise OffsetLedgerError("Pachyderm reports a batch held before the one handed "
+                                    "over ahead of it")
+        self.in_flight.popleft()
+        partitions = self.partitions
+        for tp, end in outgoing.batch.offsets.items():
+            progress = partitions.get(tp)
+            if progress is not None and (progress.held is None or end > progress.held):
+                progress.held = end
+
+    def caught_up(self, tp, position: int) -> bool:
+        """The consumer's position once Pachyderm holds all polled of tp: past transaction
+        markers and aborted records, which no batch carries. True if it moved."""
+        progress = self.partitions.get(tp)
+        if progress is None or not progress.owned or not progress.resolved or \
+                progress.waiting() or (progress.polled is not None and
+                                       position < progress.polled):
+            return False
+        if progress.held is not None and position <= progress.held:
+            return False
+        progress.polled = progress.held = position
+        progress.handed = position if progress.handed is None else max(progress.handed,
+                                                                        position)
+        return True
+
+    # -- the group's offsets
+    def to_commit(self, owned: set | None = None) -> dict:
+        """{partition: offset} the group may move to: what Pachyderm holds, where that is
+        past what it was last told. Only partitions this spout owns."""
+        offsets = {}
+        for tp, progress in self.partitions.items():
+            held = progress.held
+            if held is None or not progress.owned or not progress.resolved or \
+                    (owned is not None and tp not in owned):
+                continue
+            if progress.committed is None or held > progress.committed:
+                offsets[tp] = held
+        return offsets
+
+    def committed(self, offsets: Mapping) -> None:
+        for tp, offset in offsets.items():
+            progress = self.partitions.get(tp)
+            if progress is not None:
+                progress.committed = offset
+
+    # -- questions
+    def owned(self) -> set:
+        return {tp for tp, progress in self.partitions.items() if progress.owned}
+
+    def owns_any(self) -> bool:
+        return any(progress.owned for progress in self.partitions.values())
+
+    def unhanded(self) -> bool:
+        """Whether messages wait in decoding or the open batch."""
+        return any(progress.polled is not None and progress.handed is not None and
+                   progress.polled > progress.handed for progress in self.partitions.values())
+
+    def check(self) -> None:
+        """The invariant, partition by partition: raises OffsetLedgerError if broken."""
+        reach: dict = {}   # how far the batches in flight reach, per partition
+        for outgoing in self.in_flight:
+            for tp, end in outgoing.batch.offsets.items():
+                reach[tp] = max(reach.get(tp, end), end)
+        for tp, progress in self.partitions.items():
+            where = f"{tp.topic}/{tp.partition} {progress!r}"
+            if progress.held is None:
+                continue
+            if progress.committed is not None and progress.owned and progress.resolved and \
+                    progress.committed > progress.held:
+                raise OffsetLedgerError(f"{where}: the group was told more than is held")
+            if progress.handed is not None and progress.handed > progress.held and \
+                    progress.handed > reach.get(tp, progress.held):
+                raise OffsetLedgerError(f"{where}: the record passes messages in no batch")
+
+
 class Spout:
     """Consumes, batches, delivers, then commits: offsets move only after delivery."""
 
     def __init__(self, config: Config, stop: threading.Event,
                  delivery: Delivery | None = None):
         self.config = config
-        # The next offset of every partition as of the last batch sent, seeded from the
-        # record Pachyderm kept (the marker, or the last commit's description).
-        self.positions: dict = {}
-        self.recorded: dict = {}
-        # Group mode, where the delivery keeps a record: partitions assigned but not yet
-        # moved to where the record says (paused until then).
-        self.unresolved: set = set()
+        # Every partition's offsets: polled, handed over, held, committed to the group.
+        self.ledger = Ledger(config.exactly_once)
         self.topics = config.topics  # those consumed now: TOPIC, or TOPIC_PATTERN's matches
         self.stop = stop
         self.delivery = delivery or make_delivery(config, stop)
         # DECODE: polls pass through decoding before they are batched; the batcher shapes
         # files from what it made of them.
         self.decoding = Decoding(config, stop) if config.decode else None
-        self.abandoned = False   # a batch was given up: nothing after it may be delivered
         self.stats = Stats()
         self.batcher = make_batcher(config, self.stats, self.flush,
                                     self.decoding.schemas if self.decoding else None)
-        self.uncommitted: dict = {}
-        # TopicPartition -> the next offset such that Pachyderm holds every record before it
-        # that read_committed returns: what the group's offset may move to.
-        self.delivered: dict = {}
         self.next_commit = 0.0
         self.connected = True
-        self.assigned: set = set()
         self.consumer = None
         self.monitor = Monitor()   # main() puts a MetricsMonitor here when METRICS_PORT is set
         self.out_of_range: deque = deque()  # (partition, from, to) reset by kafka-python
@@ -3638,9 +3854,7 @@ class Spout:
         if topics and self.config.topics and sorted(topics) != sorted(self.config.topics):
             log.info("the record was written for topics %s; resuming those still configured",
                      ",".join(topics))
-        from kafka import TopicPartition
-        self.recorded = {TopicPartition(*key): offset for key, offset in positions.items()}
-        self.positions.update(self.recorded)
+        self.ledger.recorded(positions)
 
     def assign(self) -> None:
         """Exactly-once mode: every partition of the topics, resumed where the record says.
@@ -3654,19 +3868,32 @@ class Spout:
                                        if self.config.wants_topic(t)))
         wanted = {TopicPartition(topic, partition) for topic in self.topics
                   for partition in self.consumer.partitions_for_topic(topic) or ()}
-        new = wanted - self.assigned
-        if not new:
+        owned = self.ledger.owned()
+        gone = owned - wanted
+        if gone:  # deleted, or only missing from metadata for now: ask afresh
+            existing = self.consumer.topics()
+            wanted |= {tp for tp in gone if tp.topic in existing}
+            gone = owned - wanted
+        new = wanted - owned
+        if not new and not gone:
             return
         self.consumer.assign(sorted(wanted))
+        if gone:
+            # Deleted topics: their offsets can no longer be committed, and a commit naming
+            # them fails for every partition.
+            log.warning("no longer in Kafka: %s", ", ".join(
+                f"{tp.topic}/{tp.partition}" for tp in sorted(gone)))
+            self.batcher.drop(gone)
+            self.ledger.forget(gone)
         for tp in sorted(new):
-            resume_at = self.recorded.get((tp.topic, tp.partition))
-            if resume_at is not None:
-                self.consumer.seek(tp, resume_at)
+            progress = self.ledger.get(tp)
+            if progress is not None and progress.held is not None:
+                self.consumer.seek(tp, progress.held)
             # Not in the record: the group's committed offset, else AUTO_OFFSET_RESET.
-            self.positions[tp] = self.consumer.position(tp, timeout_ms=10_000)
-        self.assigned = wanted
-        log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}@{self.positions[tp]}"
-                                          for tp in sorted(new)))
+            self.ledger.started(tp, self.consumer.position(tp, timeout_ms=10_000))
+        if new:
+            log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}@"
+                                              f"{self.ledger[tp].held}" for tp in sorted(new)))
 
     def on_revoked(self, revoked: set) -> None:
         """Drops the batched messages of revoked partitions: not written yet, so whoever owns
@@ -3674,93 +3901,100 @@ class Spout:
 
         No commits here (kafka-python forbids blocking calls in rebalance callbacks), and
         a partition may come straight back to this spout with its position kept: so the
-        position goes back to the first dropped message, and offsets of archives already
-        written stay, to be committed if the partition is still ours then.
+        position goes back to the first dropped message, and batches already handed over
+        stay, held in time, committed only if the partition is ours again by then.
         """
         if revoked:
             log.info("revoked %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
         for tp, offset in self.batcher.drop(revoked).items():
             self.consumer.seek(tp, offset)
-        self.unresolved -= revoked
-        for tp in revoked:
-            self.delivered.pop(tp, None)
-        self.monitor.forget(revoked)
+        self.ledger.revoked(revoked)
 
     def on_assigned(self, assigned: set) -> None:
-        """Group mode. Where the delivery records what Pachyderm holds, a partition must not
-        start before the record is weighed against the group's offset, which takes a
-        blocking call that kafka-python forbids here: pause it until resolve_assigned()."""
+        """Group mode. A partition must not start before Pachyderm's hold of it is weighed
+        against the group's offset, which takes a blocking call that kafka-python forbids
+        here: pause it until resolve_assigned()."""
         log.info("assigned %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
-        if self.delivery.records_positions and assigned:
+        if assigned:
             self.consumer.pause(*assigned)
-            self.unresolved |= assigned
+            self.ledger.assigned(assigned)
 
     def resolve_assigned(self) -> None:
         """A newly assigned partition resumes at the larger of the group's committed offset
-        and the position this spout's repo records: a larger group offset means another spout
-        delivered those messages since; a larger record, that this one did and the group
-        commit did not follow (it crashed, or lost the partition, in between)."""
+        and what Pachyderm holds of it (this spout's record, or its batches held): a larger
+        group offset means another spout delivered those messages since; a larger hold, that
+        this one did and the group commit did not follow (it crashed, or lost the partition,
+        in between). Knowing the group's offset also keeps a batch held late from moving it
+        back. A broker that does not answer leaves the partition paused until next time."""
+        from kafka.errors import KafkaError
+        self.take_held()
         owned = self.consumer.assignment()
-        for tp in sorted(self.unresolved & owned):
-            recorded = self.positions.get((tp.topic, tp.partition))
-            if recorded is not None:
-                committed = self.consumer.committed(tp)
-                resume_at = recorded if committed is None else max(recorded, committed)
+        for tp in sorted(self.ledger.unresolved & owned):
+            try:
+                committed = self.consumer.committed(tp, timeout_ms=RESOLVE_TIMEOUT_MS)
+            except KafkaError as error:
+                log.warning("cannot learn the group's offset of %s/%d from %s (%s: %s); "
+                            "it stays paused, retrying", tp.topic, tp.partition,
+                            self.config.broker_address, type(error).__name__, error)
+                return
+            resume_at = self.ledger.resume_at(tp, committed)
+            if resume_at is not None and resume_at != committed:
                 self.consumer.seek(tp, resume_at)
-                log.info("%s/%d resumes at %d (recorded %d, group %s)", tp.topic,
-                         tp.partition, resume_at, recorded, committed)
-        self.consumer.resume(*(self.unresolved & owned))
-        self.unresolved.clear()
+            self.ledger.resolve(tp, resume_at, committed)
+            self.consumer.resume(tp)
+            log.info("%s/%d resumes at %s (held %s, group %s)", tp.topic, tp.partition,
+                     "the reset" if resume_at is None else resume_at,
+                     self.ledger[tp].held, committed)
 
     def adopt_consumer_positions(self) -> None:
-        """Once Pachyderm holds everything polled, the consumer's position is the delivered
-        point: past transaction markers and aborted records, which no batch carries. So the
-        group's offsets, the lag and the next commit's record reach the end of an idle
-        transactional topic, and nothing is written to Pachyderm for it: its record may
-        trail by markers until the next batch.
+        """Once Pachyderm holds everything polled of a partition, the consumer's position is
+        its delivered point: past transaction markers and aborted records, which no batch
+        carries. So the group's offsets, the lag and the next commit's record reach the end
+        of an idle transactional topic, and nothing is written to Pachyderm for it: its
+        record may trail by markers until the next batch.
 
         Only partitions this spout owns and can fetch: one paused until resolve_assigned(),
         or awaiting its committed offset after an assignment, has a stale position or none.
         """
-        if self.batch.records or self.abandoned or not self.delivery.all_held():
-            return
         moved = {}
+        ledger = self.ledger
         try:
             for tp in self.consumer.assignment():
-                position = None if tp in self.unresolved else self.fetch_position(tp, True)
-                if position is not None and position > self.delivered.get(tp, -1):
+                progress = ledger.get(tp)
+                if progress is None or progress.waiting():
+                    continue
+                position = self.fetch_position(tp, True)
+                if position is not None and ledger.caught_up(tp, position):
                     moved[tp] = position
         except Exception:  # the assignment changed under us: next time
             return
         if moved:
-            self.delivered.update(moved)
-            self.positions.update(moved)
-            self.uncommitted.update(moved)
             self.monitor.caught_up(moved)
 
-    def commit(self, timeout_ms: int = 2000, final: bool = False) -> None:
-        for outgoing in self.delivery.held():
-            self.uncommitted.update(outgoing.commit)
-            self.delivered.update(outgoing.commit)
+    def take_held(self, batches: Iterable[Outgoing] | None = None) -> None:
+        """What Pachyderm now holds, into the ledger."""
+        for outgoing in self.delivery.held() if batches is None else batches:
+            self.ledger.held(outgoing)
             self.monitor.held(outgoing)
+
+    def commit(self, timeout_ms: int = 2000, final: bool = False) -> None:
+        self.take_held()
         self.adopt_consumer_positions()
-        if not self.uncommitted or (time.monotonic() < self.next_commit and not final):
+        if time.monotonic() < self.next_commit and not final:
             return
-        if not self.config.exactly_once:
-            owned = self.consumer.assignment()
-            for tp in [tp for tp in self.uncommitted if tp not in owned]:
-                del self.uncommitted[tp]  # moved to another spout, which commits it now
-            if not self.uncommitted:
-                return
         self.next_commit = time.monotonic() + COMMIT_INTERVAL
+        offsets = self.ledger.to_commit(None if self.config.exactly_once
+                                        else self.consumer.assignment())
+        if not offsets:
+            return
+        self.ledger.check()
         from kafka.structs import OffsetAndMetadata
         try:
             self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1)
-                                  for tp, offset in self.uncommitted.items()},
-                                 timeout_ms=timeout_ms)
+                                  for tp, offset in offsets.items()}, timeout_ms=timeout_ms)
             log.debug("committed %s", {f"{tp.topic}/{tp.partition}": offset
-                                       for tp, offset in self.uncommitted.items()})
-            self.uncommitted = {}
+                                       for tp, offset in offsets.items()})
+            self.ledger.committed(offsets)
         except Exception as error:  # kept, and tried again with the next commit
             self.next_commit = time.monotonic() + COMMIT_RETRY_SECONDS
             log.warning("offset commit to %s failed (%s: %s); will retry",
@@ -3795,18 +4029,12 @@ class Spout:
         batch = self.batcher.take()
         if not batch.records:
             return
-        if self.abandoned:
-            raise Stopped("an earlier batch was given up")
-        self.positions.update(batch.offsets)
-        positions = dict(self.positions)
-        # Exactly-once mode commits the group every partition's position, idle ones too, for
-        # lag; group mode only those of the batch.
-        commit = positions if self.config.exactly_once else batch.offsets
+        outgoing = self.ledger.hand_over(batch, self.topics)
         try:
-            self.delivery.send(Outgoing(batch, self.topics, positions, commit), deadline)
+            self.delivery.send(outgoing, deadline)
         except Stopped:
             # Whatever follows would record positions past this batch's messages.
-            self.abandoned = True
+            self.ledger.give_up(outgoing)
             raise
         if batch.members:
             self.stats.archives += 1
@@ -3856,11 +4084,11 @@ class Spout:
             while not self.stop.is_set():
                 timeout = min(max(self.batch_due_in(), 0.0), 0.5)
                 try:
-                    if self.config.exactly_once and (not self.assigned or
+                    if self.config.exactly_once and (not self.ledger.owns_any() or
                                                time.monotonic() >= next_partition_check):
                         next_partition_check = time.monotonic() + partition_check_interval
                         self.assign()
-                    if self.config.exactly_once and not self.assigned:
+                    if self.config.exactly_once and not self.ledger.owns_any():
                         log.warning("topics %s have no partitions yet; waiting",
                                     ",".join(self.topics) or self.config.topic_pattern)
                         self.stop.wait(min(partition_check_interval, 5.0))
@@ -3877,6 +4105,7 @@ class Spout:
                 if records:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("polled %d record(s)", sum(map(len, records.values())))
+                    self.ledger.polled(records)
                     self.monitor.polled(records)
                     if self.decoding is not None:
                         records = self.decoding.decode(records)  # waits out the registry
@@ -3884,7 +4113,7 @@ class Spout:
                     self.add(records)
                     if self.stats.tombstones != tombstones:
                         self.monitor.tombstones_seen(records, self.stats.tombstones - tombstones)
-                if self.unresolved:
+                if self.ledger.unresolved:
                     self.resolve_assigned()
                 if self.batch.records and self.batch_due_in() <= 0:
                     self.flush()
@@ -3908,10 +4137,7 @@ class Spout:
         log.info("stopping: delivering the pending batch")
         try:
             self.flush(deadline)
-            for outgoing in self.delivery.drain(deadline):
-                self.uncommitted.update(outgoing.commit)
-                self.delivered.update(outgoing.commit)
-                self.monitor.held(outgoing)
+            self.take_held(self.delivery.drain(deadline))
         except Stopped:
             log.warning("Pachyderm did not take the last batch in time; its messages stay "
                         "uncommitted and will be read again")
@@ -3957,9 +4183,6 @@ class Monitor:
 
     def kafka_reachable(self, reachable: bool) -> None:
         """Whether the consumer could reach a broker, as last found out."""
-
-    def forget(self, partitions: set) -> None:
-        """Partitions revoked: another spout reports them now."""
 
     def refresh(self) -> None:
         """Between polls."""
@@ -4024,8 +4247,6 @@ class MetricsMonitor(Monitor):
             for family in (self.messages, self.bytes, self.tombstones):
                 family.labels(topic)
         self.files_per_message = _FILES_PER_MESSAGE[config.format]
-        self.delivered: dict = {}    # TopicPartition -> the next offset Pachyderm holds
-        self.polled_to: dict = {}    # TopicPartition -> the next offset to poll
         self.exported: set = set()   # partitions with lag and offset series
         self.counted_redeliveries = 0
         self.redelivery_lock = threading.Lock()
@@ -4041,12 +4262,6 @@ class MetricsMonitor(Monitor):
     def polled(self, records: Mapping) -> None:
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
-        delivered, polled_to = self.delivered, self.polled_to
-        for tp, messages in records.items():
-            if messages:
-                if tp not in delivered:  # polling resumes where Pachyderm's hold ends
-                    delivered[tp] = messages[0].offset
-                polled_to[tp] = messages[-1].offset + 1
 
     def tombstones_seen(self, records: Mapping, count: int) -> None:
         topics = {tp.topic for tp in records}
@@ -4061,7 +4276,6 @@ class MetricsMonitor(Monitor):
     def held(self, outgoing: Outgoing) -> None:
         now = time.monotonic()
         self.progress_at = now
-        self.delivered.update(outgoing.commit)
         self.next_refresh = 0.0  # lag and offsets follow at once, not up to a refresh later
         batch = outgoing.batch
         if not batch.members:  # only skipped tombstones: no commit
@@ -4090,7 +4304,6 @@ class MetricsMonitor(Monitor):
         self.count_redeliveries()
 
     def caught_up(self, offsets: dict) -> None:
-        self.delivered.update(offsets)
         self.next_refresh = 0.0
 
     def kafka_reachable(self, reachable: bool) -> None:
@@ -4099,10 +4312,6 @@ class MetricsMonitor(Monitor):
         elif self.kafka_down_since is None:
             self.kafka_down_since = time.monotonic()
 
-    def forget(self, partitions: set) -> None:
-        for tp in partitions:
-            self.delivered.pop(tp, None)
-            self.polled_to.pop(tp, None)
 
     def refresh(self) -> None:
         """Lag and delivered offsets of every partition owned, and whether messages wait:
@@ -4116,17 +4325,16 @@ class MetricsMonitor(Monitor):
             return
         self.next_refresh = now + METRICS_REFRESH_SECONDS
         self.count_redeliveries()
-        spout, consumer = self.spout, self.spout.consumer
-        waiting = spout.batch.records > 0 or spout.delivery.in_transit()
+        spout, consumer, ledger = self.spout, self.spout.consumer, self.spout.ledger
+        waiting = ledger.unhanded() or spout.delivery.in_transit()
         owned = consumer.assignment()
         for tp in owned:
             # What fetches carried: end_offsets() asks the broker, and some answer wrongly.
             highwater = consumer.highwater(tp)
-            delivered = self.delivered.get(tp)
-            if delivered is None:
-                if not self.config.exactly_once or tp not in spout.positions:
-                    continue  # nothing polled yet: its lag shows once its first batch is held
-                delivered = self.delivered[tp] = spout.positions[tp]
+            progress = ledger.get(tp)
+            if progress is None or progress.held is None or not progress.resolved:
+                continue  # not started yet: its lag shows once it is
+            delivered = progress.held
             labels = (tp.topic, str(tp.partition))
             self.delivered_offset.labels(*labels).set(delivered)
             if highwater is not None:
@@ -4135,7 +4343,7 @@ class MetricsMonitor(Monitor):
                 # (transaction markers, aborted records) is nothing to wait for.
                 read_to = spout.fetch_position(tp)
                 if read_to is None:
-                    read_to = self.polled_to.get(tp, delivered)
+                    read_to = progress.polled if progress.polled is not None else delivered
                 waiting = waiting or highwater > read_to
             self.exported.add(tp)
         for tp in self.exported - owned:

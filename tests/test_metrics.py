@@ -406,11 +406,13 @@ def test_counts_per_topic_in_a_batch_of_two_topics_with_sidecars_and_kept_tombst
     polled = {TopicPartition("a", 0): [record("a", 10, b"x" * 5), record("a", 11, None),
                                        record("a", 12, b"y" * 7)],
               TopicPartition("b", 0): [record("b", 3, b"z" * 11), record("b", 4, b"")]}
+    instance.monitor = monitor
+    instance.ledger.polled(polled)
     monitor.polled(polled)
     instance.add(polled)
     monitor.tombstones_seen(polled, instance.stats.tombstones)
-    batch = instance.batch
-    monitor.held(spout.Outgoing(batch, ("a", "b"), dict(batch.offsets), dict(batch.offsets)))
+    batch = instance.batcher.take()
+    instance.take_held([instance.ledger.hand_over(batch, ("a", "b"))])
 
     def sample(name, **labels):
         return monitor.registry.get_sample_value(name, labels)
@@ -426,4 +428,5 @@ def test_counts_per_topic_in_a_batch_of_two_topics_with_sidecars_and_kept_tombst
     assert sample("kafka_spout_commits_total") == 1
     assert sample("kafka_spout_batch_messages_sum") == 5
     assert sample("kafka_spout_batch_bytes_sum") == batch.data_bytes == sum(sizes.values())
-    assert monitor.delivered == {TopicPartition("a", 0): 13, TopicPartition("b", 0): 5}
+    assert {tp: progress.held for tp, progress in instance.ledger.partitions.items()} == \
+        {TopicPartition("a", 0): 13, TopicPartition("b", 0): 5}

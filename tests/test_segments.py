@@ -361,7 +361,7 @@ def test_metrics_count_the_messages_in_segments_not_the_files():
                   TopicPartition("u", 1): [consumer_record(1, 7, b"y", topic="u"),
                                            consumer_record(1, 8, None, topic="u")]})
     batch = instance.batcher.take()
-    monitor.held(spout.Outgoing(batch, ("t", "u"), dict(batch.offsets), dict(batch.offsets)))
+    monitor.held(spout.Outgoing(batch, ("t", "u"), dict(batch.offsets)))
 
     def sample(name, **labels):
         return monitor.registry.get_sample_value(name, labels)

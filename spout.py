@@ -211,8 +211,18 @@ def parse_user_info(text: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """A URL with the password of any user:password@ in it replaced by ***."""
-    return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
+    """A URL with the password of any user:password@ in it replaced by ***. The host starts
+    after the last @ before the path, as urlsplit reads it: a password may hold an unencoded
+    @ of its own."""
+    scheme, sep, rest = url.partition("//")
+    if not sep:
+        return url
+    end = min((index for index in map(rest.find, "/?#") if index >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    if not at or not colon:
+        return url
+    return f"{scheme}//{user}:***@{host}{rest[end:]}"
 
 
 # Pachyderm mounts this into every 2.x spout's container (worker_rc.go).
@@ -1107,7 +1117,7 @@ class ConfluentSchemaRegistry(SchemaRegistry):
         self.credentials_source = config.schema_registry_credentials_source
         try:
             self.client = SchemaRegistryClient(settings)
-        except (ValueError, OSError) as error:   # e.g. a certificate that does not load
+        except (ValueError, OSError) as error:
             raise ConfigError("SCHEMA_REGISTRY_URL", f"{error}") from None
 
     def _ask(self, call, *args):
@@ -1143,6 +1153,42 @@ class ConfluentSchemaRegistry(SchemaRegistry):
         return self._schema(self._ask(self.client.get_version, subject, version).schema)
 
 
+def check_registry_tls_files(config: Config) -> None:
+    """Loads the SCHEMA_REGISTRY_SSL_* files as SchemaRegistryClient will, so that one that
+    does not load is refused naming its own setting (the client's error names none)."""
+    import ssl
+    ca = config.schema_registry_ssl_ca_location
+    certificate = config.schema_registry_ssl_certificate_location
+    key = config.schema_registry_ssl_key_location
+    if ca:
+        try:
+            ssl.create_default_context(**{"capath" if os.path.isdir(ca) else "cafile": ca})
+        except (ssl.SSLError, OSError, ValueError) as error:
+            raise ConfigError("SCHEMA_REGISTRY_SSL_CA_LOCATION", f"{ca} does not load as "
+                              f"PEM CA certificates ({error})") from None
+    if not certificate:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=certificate)   # holds a certificate at all?
+    except (ssl.SSLError, OSError, ValueError) as error:
+        raise ConfigError("SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION", f"{certificate} does "
+                          f"not load as a PEM certificate ({error})") from None
+
+    def no_password():
+        # The client would ask for one on a terminal, or fail later; there is no setting.
+        raise ValueError("the key is encrypted; give it unencrypted")
+    try:
+        context.load_cert_chain(certificate, key, password=no_password)
+    except (ssl.SSLError, OSError, ValueError) as error:
+        if key:
+            raise ConfigError("SCHEMA_REGISTRY_SSL_KEY_LOCATION", f"{key} does not load as "
+                              f"the PEM private key of {certificate} ({error})") from None
+        raise ConfigError("SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION", f"{certificate} holds "
+                          f"no private key of its certificate ({error}); set "
+                          "SCHEMA_REGISTRY_SSL_KEY_LOCATION") from None
+
+
 class WriterSchema:
     """A writer schema, parsed once per id. decode() takes the message's bytes (framing
     included) and gives a document of plain Python values; `parsed` is the schema in its
@@ -1161,9 +1207,16 @@ class WriterSchema:
 class AvroSchema(WriterSchema):
     schema_type = "AVRO"
 
-    def __init__(self, schema_id: int, schema: RegistrySchema, parsed):
+    def __init__(self, schema_id: int, schema: RegistrySchema, parsed, named: dict):
         super().__init__(schema_id, schema, parsed)
-        from fastavro import schemaless_reader
+        self.named = named   # every named type by full name, a top-level union's too
+        if avro_is_recursive(parsed, named):
+            # fastavro's compiled reader recurses in C without a limit: a value nested
+            # 100,000 deep crashes the process (SIGSEGV). Its pure-Python twin stops at the
+            # recursion limit instead.
+            from fastavro._read_py import schemaless_reader
+        else:
+            from fastavro import schemaless_reader
         self._read = schemaless_reader
 
     def decode(self, data: bytes):
@@ -1171,6 +1224,8 @@ class AvroSchema(WriterSchema):
         stream.seek(5)
         try:
             document = self._read(stream, self.parsed, None)
+        except RecursionError:
+            raise too_deep(self.schema_id, "the recursion limit") from None
         except Exception as error:
             raise BadRecord("corrupt-payload", f"not Avro of schema {self.schema_id} "
                             f"({type(error).__name__}: {error})", self.schema_id) from None
@@ -1194,11 +1249,12 @@ class ProtobufSchema(WriterSchema):
         if message_class is None:
             message_class = self.classes[framing] = self._message_class(indexes)
         try:
-            message = message_class.FromString(data[start:])
+            # protobuf_document too: a Timestamp out of datetime's range, a Struct holding
+            # NaN, fail only there.
+            return protobuf_document(message_class.FromString(data[start:]))
         except Exception as error:
             raise BadRecord("corrupt-payload", f"not Protobuf of schema {self.schema_id} "
                             f"({type(error).__name__}: {error})", self.schema_id) from None
-        return protobuf_document(message)
 
     def _message_class(self, indexes: list[int]) -> type:
         from google.protobuf.message_factory import GetMessageClass
@@ -1219,9 +1275,73 @@ class JsonSchema(WriterSchema):
 
     def decode(self, data: bytes):
         try:
-            return json.loads(data[5:])
+            document = json.loads(data[5:])
+        except RecursionError:
+            raise too_deep(self.schema_id, "the recursion limit") from None
         except ValueError as error:
             raise BadRecord("corrupt-payload", f"not JSON ({error})", self.schema_id) from None
+        # Fewer brackets than the limit cannot nest deeper: most documents need no walk.
+        if data.count(b"[") + data.count(b"{") > MAX_DOCUMENT_DEPTH and \
+                document_depth(document) > MAX_DOCUMENT_DEPTH:
+            raise too_deep(self.schema_id)
+        return document
+
+
+# Deeper documents are bad records (too-deep): json.loads reads about 990 levels, but writing
+# them out again (FORMAT=json, jsonl, Parquet's JSON text) recurses once per level too, from
+# further down the stack, and would fail there, past ON_BAD_RECORD.
+MAX_DOCUMENT_DEPTH = 500
+
+
+def too_deep(schema_id: int, limit: str = f"the {MAX_DOCUMENT_DEPTH} levels") -> BadRecord:
+    return BadRecord("too-deep", f"nested deeper than {limit} the spout decodes and writes "
+                     f"(schema {schema_id})", schema_id)
+
+
+def document_depth(document) -> int:
+    """How deep lists and dicts nest in a decoded document, counted without recursion."""
+    deepest = 0
+    pending = [(document, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > deepest:
+            deepest = depth
+        for item in node.values() if isinstance(node, dict) else node:
+            if isinstance(item, (dict, list)):
+                pending.append((item, depth + 1))
+    return deepest if isinstance(document, (dict, list)) else 0
+
+
+def avro_is_recursive(node, named: Mapping, within: tuple = (), done: set | None = None) -> bool:
+    """Whether a fastavro-parsed schema holds a named type within itself: only then can a
+    value nest deeper than the schema does."""
+    done = set() if done is None else done
+    if isinstance(node, str):
+        if node in within:
+            return True
+        if node in done or node not in named:
+            return False
+        node = named[node]
+    if isinstance(node, list):
+        return any(avro_is_recursive(branch, named, within, done) for branch in node)
+    if not isinstance(node, dict):
+        return False
+    kind = node.get("type")
+    if kind in ("record", "error"):
+        name = node["name"]
+        if name in within:
+            return True
+        if name in done:
+            return False
+        found = any(avro_is_recursive(field["type"], named, within + (name,), done)
+                    for field in node["fields"])
+        done.add(name)
+        return found
+    if kind == "array":
+        return avro_is_recursive(node["items"], named, within, done)
+    if kind == "map":
+        return avro_is_recursive(node["values"], named, within, done)
+    return isinstance(kind, (dict, list)) and avro_is_recursive(kind, named, within, done)
 
 
 def read_message_indexes(data: bytes, start: int, schema_id: int) -> tuple[list[int], int]:
@@ -1314,50 +1434,97 @@ def json_document_default(value):
 
 
 # Made once: json.dumps with options builds an encoder per call, about a microsecond.
-_DOCUMENT_ENCODER = json.JSONEncoder(ensure_ascii=False, default=json_document_default)
+# allow_nan=False: Python would write NaN and Infinity bare, which no JSON parser reads.
+_DOCUMENT_ENCODER = json.JSONEncoder(ensure_ascii=False, default=json_document_default,
+                                     allow_nan=False)
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def document_json_text(document) -> str:
+    """A decoded document as JSON text. A float that is NaN or infinite (an Avro or Protobuf
+    float or double, or the NaN a JSON Schema payload spelled bare) is the string "NaN",
+    "Infinity" or "-Infinity", as protobuf's JSON mapping and Kafka Connect write them."""
+    try:
+        return _DOCUMENT_ENCODER.encode(document)
+    except ValueError:   # rare: only then is the document walked
+        return _DOCUMENT_ENCODER.encode(finite_floats(document))
+
+
+def finite_floats(node):
+    """The document with non-finite floats as their strings. One frame per level, no
+    comprehensions (a frame each in 3.11): documents nest up to MAX_DOCUMENT_DEPTH."""
+    if isinstance(node, float):
+        return node if node - node == 0 else _NON_FINITE[repr(node)]
+    if isinstance(node, dict):
+        copy = {}
+        for key, value in node.items():
+            copy[finite_floats(key) if isinstance(key, float) else key] = finite_floats(value)
+        return copy
+    if isinstance(node, (list, tuple)):
+        items = []
+        for value in node:
+            items.append(finite_floats(value))
+        return items
+    return node
 
 
 def document_json(document) -> bytes:
-    return _DOCUMENT_ENCODER.encode(document).encode()
+    return document_json_text(document).encode()
+
+
+# Unknown and unusable ids remembered, the most recently met: a topic of random ids (four
+# billion possible) would otherwise grow the cache without end. Past this, an id not met for
+# a while is asked for again, once.
+UNKNOWN_SCHEMAS_MAX = 1000
 
 
 class SchemaCache:
     """Writer schemas by id, each fetched and parsed once (an unknown id too: it is
-    remembered as unknown)."""
+    remembered as unknown, the last UNKNOWN_SCHEMAS_MAX of them)."""
 
     def __init__(self, registry: SchemaRegistry):
         self.registry = registry
         self.schemas: dict[int, WriterSchema] = {}
-        self.unknown: dict[int, str] = {}
+        self.unknown: dict[int, tuple[str, str]] = {}   # id -> (reason, detail), oldest first
+
+    def _remember(self, schema_id: int, reason: str, detail: str) -> BadRecord:
+        self.unknown[schema_id] = (reason, detail)
+        if len(self.unknown) > UNKNOWN_SCHEMAS_MAX:
+            del self.unknown[next(iter(self.unknown))]
+        return BadRecord(reason, detail, schema_id)
 
     def writer_schema(self, schema_id: int) -> WriterSchema:
         """Raises BadRecord for an unknown or unusable schema, RegistryUnreachable."""
         found = self.schemas.get(schema_id)
         if found is not None:
             return found
-        if schema_id in self.unknown:
-            raise BadRecord("unknown-schema-id", self.unknown[schema_id], schema_id)
+        known_bad = self.unknown.pop(schema_id, None)
+        if known_bad is not None:
+            self.unknown[schema_id] = known_bad   # the most recently met again
+            raise BadRecord(*known_bad, schema_id)
         try:
             schema = self.registry.by_id(schema_id)
         except UnknownSchema as error:
-            self.unknown[schema_id] = f"schema {schema_id} is not in the registry ({error})"
-            raise BadRecord("unknown-schema-id", self.unknown[schema_id], schema_id) from None
+            raise self._remember(schema_id, "unknown-schema-id", f"schema {schema_id} is not "
+                                 f"in the registry ({error})") from None
         try:
             parsed = self._parse(schema_id, schema)
         except (RegistryUnreachable, ConfigError):
             raise
         except Exception as error:
-            self.unknown[schema_id] = (f"schema {schema_id} ({schema.schema_type}) cannot be "
-                                       f"used: {type(error).__name__}: {error}")
-            log.warning("%s", self.unknown[schema_id])
-            raise BadRecord("unusable-schema", self.unknown[schema_id], schema_id) from None
+            problem = self._remember(schema_id, "unusable-schema", f"schema {schema_id} "
+                                     f"({schema.schema_type}) cannot be used: "
+                                     f"{type(error).__name__}: {error}")
+            log.warning("%s", problem.detail)
+            raise problem from None
         self.schemas[schema_id] = parsed
         log.info("schema %d: %s", schema_id, schema.schema_type)
         return parsed
 
     def _parse(self, schema_id: int, schema: RegistrySchema) -> WriterSchema:
         if schema.schema_type == "AVRO":
-            return AvroSchema(schema_id, schema, self._avro(schema, {}))
+            named: dict = {}
+            return AvroSchema(schema_id, schema, self._avro(schema, named), named)
         if schema.schema_type == "PROTOBUF":
             return ProtobufSchema(schema_id, schema, self._protobuf(schema_id, schema))
         if schema.schema_type == "JSON":
@@ -1494,6 +1661,7 @@ class Decoding:
         self.registry = registry or ConfluentSchemaRegistry(config)
         self.schemas = SchemaCache(self.registry)
         self.keys = "key" in config.decode
+        self.columns = ParquetValues(self.schemas) if config.format == "parquet" else None
         self.bad_records: dict[tuple[str, str], int] = {}   # (topic, reason) -> count
         # Read by the metrics server's thread; set by the loop's.
         self.down_since: float | None = None
@@ -1511,7 +1679,17 @@ class Decoding:
             raise BadRecord("no-magic-byte", "not in the Confluent wire format (a zero byte "
                             "and a 4-byte schema id first)")
         schema_id = _SCHEMA_ID.unpack_from(data, 1)[0]
-        return self.schemas.writer_schema(schema_id).decode(data), schema_id
+        schema = self.schemas.writer_schema(schema_id)
+        try:
+            return schema.decode(data), schema_id
+        except BadRecord:
+            raise
+        except Exception as error:
+            # Whatever else a decoder meets in hostile bytes is this record's problem, not
+            # the spout's: ON_BAD_RECORD decides, as for the failures foreseen.
+            raise BadRecord("corrupt-payload", f"schema {schema_id} ({schema.schema_type}) "
+                            f"cannot decode it ({type(error).__name__}: {error})",
+                            schema_id) from None
 
     def decode(self, records: Mapping) -> dict:
         """The hot path: values of schemas already parsed are decoded inline; everything else
@@ -1534,10 +1712,12 @@ class Decoding:
                                 record.timestamp, record.timestamp_type, record.key, value,
                                 record.headers, schema.decode(value), schema.schema_id))
                             continue
-                        except BadRecord:
+                        except Exception:  # _decode_record makes it a bad record
                             pass
                 append(self._decode_record(record))
             decoded[tp] = out
+        if self.columns is not None:
+            self.columns.check(decoded, self._bad)
         return decoded
 
     def _decode_record(self, record) -> DecodedRecord:
@@ -2085,31 +2265,12 @@ class DecodedParquetWriter(ParquetWriter):
     def schema_key(self, record):
         """What decides the value column's type: the schema id, and for Protobuf the message
         type's indexes; None for a kept tombstone, which goes with any."""
-        schema_id = record.schema_id
-        if schema_id is None or record.value is None:
-            return None
-        schema = self.schemas.schemas[schema_id]
-        if schema.schema_type == "PROTOBUF":
-            return schema_id, tuple(read_message_indexes(record.value, 5, schema_id)[0])
-        return schema_id, ()
+        return parquet_schema_key(self.schemas, record)
 
     def value_type(self, key) -> tuple:
         found = self.value_types.get(key)
         if found is None:
-            pa = self.pa
-            if key is None:
-                found = (pa.null(), None)
-            else:
-                schema = self.schemas.schemas[key[0]]
-                if schema.schema_type == "AVRO":
-                    found = avro_arrow_type(pa, schema.parsed,
-                                            schema.parsed.get("__named_schemas", {}), ())
-                elif schema.schema_type == "PROTOBUF":
-                    found = protobuf_arrow_type(
-                        pa, schema._message_class(list(key[1])).DESCRIPTOR, ())
-                else:
-                    found = (pa.string(), _json_text)
-            self.value_types[key] = found
+            found = self.value_types[key] = parquet_value_type(self.pa, self.schemas, key)
         return found
 
     def encode(self, records: Sequence) -> bytes:
@@ -2145,8 +2306,110 @@ class DecodedParquetWriter(ParquetWriter):
         return columns
 
 
+def parquet_schema_key(schemas: SchemaCache, record):
+    """DecodedParquetWriter.schema_key."""
+    schema_id = record.schema_id
+    if schema_id is None or record.value is None:
+        return None
+    schema = schemas.schemas[schema_id]
+    if schema.schema_type == "PROTOBUF":
+        return schema_id, tuple(read_message_indexes(record.value, 5, schema_id)[0])
+    return schema_id, ()
+
+
+def parquet_value_type(pa, schemas: SchemaCache, key) -> tuple:
+    """(Arrow type, converter or None) of the value column for a schema_key. Any Avro schema
+    has one, not only a record: a "string", a union, an array or a map is that type's column
+    (README, "Schema Registry")."""
+    if key is None:
+        return pa.null(), None
+    schema = schemas.schemas[key[0]]
+    if schema.schema_type == "AVRO":
+        return avro_arrow_type(pa, schema.parsed, schema.named, ())
+    if schema.schema_type == "PROTOBUF":
+        return protobuf_arrow_type(pa, schema._message_class(list(key[1])).DESCRIPTOR, ())
+    return pa.string(), _json_text
+
+
+class ParquetValues:
+    """FORMAT=parquet with DECODE: Avro values that fastavro decodes but that do not fit their
+    column (hostile bytes: an int beyond 32 bits, a decimal beyond its precision) are bad
+    records here. Found only when Segments.take writes the file, they would fail the whole
+    batch past ON_BAD_RECORD, again at every start. Protobuf's parser keeps its values in
+    range, and JSON Schema values are JSON text."""
+
+    def __init__(self, schemas: SchemaCache):
+        self.schemas = schemas
+        self.checks: dict[int, Callable | None] = {}   # schema id -> avro_fits() or None
+
+    def check(self, decoded: Mapping, bad: Callable) -> None:
+        checks, schemas = self.checks, self.schemas.schemas
+        for records in decoded.values():
+            for index, record in enumerate(records):
+                schema_id = record.schema_id
+                if record.problem is not None or record.document is None:
+                    continue
+                if schema_id in checks:
+                    fits = checks[schema_id]
+                else:
+                    schema = schemas[schema_id]
+                    fits = checks[schema_id] = avro_fits(schema.parsed, schema.named, ()) \
+                        if schema.schema_type == "AVRO" else None
+                if fits is not None and not fits(record.document):
+                    records[index] = bad(record, BadRecord(
+                        "corrupt-payload", "a value beyond its Avro type's range (an int of "
+                        "more than 32 bits, a decimal of more digits than its precision)",
+                        schema_id))
+
+
+def avro_fits(node, named: Mapping, within: tuple) -> Callable | None:
+    """A test that a decoded value fits the column avro_arrow_type gives the node; None
+    where every value does. Follows avro_arrow_type: a recursive record and a union of
+    several types are JSON text there, which holds anything."""
+    if isinstance(node, str):
+        if node == "int":
+            return _int32_fits
+        if node in _AVRO_PRIMITIVES or node in within or node not in named:
+            return None
+        return avro_fits(named[node], named, within)
+    if isinstance(node, list):
+        branches = [branch for branch in node if branch != "null"]
+        return avro_fits(branches[0], named, within) if len(branches) == 1 else None
+    logical, kind = node.get("logicalType"), node["type"]
+    if logical == "decimal" and kind in ("bytes", "fixed"):
+        # The unscaled integer's digits, however the Decimal's exponent came out.
+        most = node["precision"] - node.get("scale", 0) - 1
+        return lambda value: not value or value.adjusted() <= most
+    if logical is not None and kind in ("int", "long"):
+        return None   # dates and times: fastavro refuses those out of range itself
+    if kind in ("record", "error"):
+        within = within + (node["name"],)
+        fields = [(field["name"], avro_fits(field["type"], named, within))
+                  for field in node["fields"]]
+        fields = [(name, fits) for name, fits in fields if fits is not None]
+        if not fields:
+            return None
+        return lambda value: all(value[name] is None or fits(value[name])
+                                 for name, fits in fields)
+    if kind == "array":
+        item = avro_fits(node["items"], named, within)
+        return None if item is None else \
+            (lambda values: all(value is None or item(value) for value in values))
+    if kind == "map":
+        item = avro_fits(node["values"], named, within)
+        return None if item is None else \
+            (lambda values: all(value is None or item(value) for value in values.values()))
+    if kind in ("enum", "fixed"):
+        return None
+    return avro_fits(kind, named, within)
+
+
+def _int32_fits(value) -> bool:
+    return -0x80000000 <= value <= 0x7FFFFFFF
+
+
 def _json_text(document) -> str:
-    return _DOCUMENT_ENCODER.encode(document)
+    return document_json_text(document)
 
 
 def _record_converter(converters: dict) -> Callable | None:
@@ -2218,7 +2481,9 @@ def avro_arrow_type(pa, node, named: Mapping, within: tuple) -> tuple:
         return (pa.decimal128 if precision <= 38 else pa.decimal256)(precision, scale), None
     if logical == "uuid" and kind == "string":
         return pa.string(), str
-    if kind == "record":
+    if kind in ("record", "error"):
+        if not node["fields"]:   # Parquet has no struct without fields
+            return pa.string(), _json_text
         within = within + (node["name"],)
         fields, converters = [], {}
         for field in node["fields"]:
@@ -2253,6 +2518,8 @@ _PROTOBUF_AS_JSON = ("google.protobuf.Struct", "google.protobuf.Value",
 def protobuf_arrow_type(pa, message, within: tuple) -> tuple:
     """(Arrow type, converter or None) for a message descriptor, as protobuf_document()
     gives its values: a struct of its fields by .proto name."""
+    if not message.fields:   # Parquet has no struct without fields
+        return pa.string(), _json_text
     within = within + (message.full_name,)
     fields, converters = [], {}
     for field in message.fields:
@@ -4515,6 +4782,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 0
     try:
         config = Config.from_sources(environ, argv)
+        if config.decode:
+            # Here, not in Config: loading them is the test, and before the start-up line,
+            # so that a refusal is the one line on stderr.
+            check_registry_tls_files(config)
     except ConfigError as error:
         print(f"spout.py: error: {error}", file=sys.stderr)
         return 2
@@ -4533,7 +4804,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log.warning("kafka-python checks every record batch's CRC32C in pure Python, about "
                     "100 ns per byte (1 ms per 10 KiB message): install the crc32c package "
                     "(requirements.txt pins it)")
-    spout = Spout(config, stop)
+    try:
+        spout = Spout(config, stop)   # e.g. SchemaRegistryClient refusing its settings
+    except ConfigError as error:
+        print(f"spout.py: error: {error}", file=sys.stderr)
+        return 2
     try:
         if config.metrics_port is not None:
             spout.monitor = MetricsMonitor(config, spout)

@@ -1721,7 +1721,7 @@ class Decoding:
         return decoded
 
     def _decode_record(self, record) -> DecodedRecord:
-        delay = 0.5
+        backoff = Backoff(self.stop, 0.5, REGISTRY_BACKOFF_MAX)
         while True:
             try:
                 result = self._try_decode(record)
@@ -1731,9 +1731,7 @@ class Decoding:
                     log.warning("%s; decoding waits, nothing is written undecoded (retrying "
                                 "with back-off)", error)
                 self.down_reason = str(error)
-                if self.stop.wait(delay):
-                    raise Stopped("stopped while the Schema Registry was unreachable")
-                delay = min(delay * 2, REGISTRY_BACKOFF_MAX)
+                backoff.wait()
                 continue
             if self.down_since is not None:
                 log.info("%s answers again after %.0fs", self.registry.where,
@@ -2585,6 +2583,23 @@ def wait_or_stop(stop: threading.Event, delay: float, deadline: float | None) ->
         time.sleep(delay)
 
 
+class Backoff:
+    """The waits between tries: doubling from `first` up to `most`, each cut short as
+    wait_or_stop() does. `delay` is the next wait, for the log line that announces it."""
+    __slots__ = ("stop", "delay", "most", "deadline")
+
+    def __init__(self, stop: threading.Event, first: float, most: float,
+                 deadline: float | None = None):
+        self.stop = stop
+        self.delay = first
+        self.most = most
+        self.deadline = deadline
+
+    def wait(self) -> None:
+        wait_or_stop(self.stop, self.delay, self.deadline)
+        self.delay = min(self.delay * 2, self.most)
+
+
 _FIONREAD = getattr(termios, "FIONREAD", None)
 
 
@@ -3157,7 +3172,7 @@ class PfsDelivery(Delivery):
         import grpc
         self.client = PachdClient(self.address, self.config.pach_token,
                                   self.config.pach_root_certs, self.repo, self.stop)
-        delay = 1.0
+        backoff = Backoff(self.stop, 1.0, PACHD_BACKOFF_MAX)
         while True:
             try:
                 record = self._read_record()
@@ -3170,11 +3185,10 @@ class PfsDelivery(Delivery):
                 if self.unreachable_since is None:
                     self.unreachable_since = time.monotonic()
                 log.warning("cannot reach pachd at %s (%s); retrying in %.0fs", self.address,
-                            describe_rpc_error(error), delay)
+                            describe_rpc_error(error), backoff.delay)
             except _ForeignOpenCommit as error:
                 log.warning("%s; waiting for it to be finished", error)
-            wait_or_stop(self.stop, delay, None)
-            delay = min(delay * 2, PACHD_BACKOFF_MAX)
+            backoff.wait()
 
     def _read_record(self) -> tuple[list[str], dict]:
         """The record of the newest commit the spout made on the branch. An open head that a
@@ -3228,7 +3242,7 @@ class PfsDelivery(Delivery):
                   for tp, end in batch.offsets.items()}
         description = describe_commit(ranges, batch.records, outgoing.topics,
                                       outgoing.positions)
-        delay = 0.1
+        backoff = Backoff(self.stop, 0.1, PACHD_BACKOFF_MAX, deadline)
         while True:
             try:
                 self._commit(batch.members, batch.data_bytes, description, deadline)
@@ -3243,9 +3257,8 @@ class PfsDelivery(Delivery):
                     self.unreachable_since = time.monotonic()
                 log.warning("commit to %s at %s failed (%s); writing the batch again, whole, "
                             "in %.1fs", self.repo, self.address, describe_rpc_error(error),
-                            delay)
-            wait_or_stop(self.stop, delay, deadline)
-            delay = min(delay * 2, PACHD_BACKOFF_MAX)
+                            backoff.delay)
+            backoff.wait()
         self.delivered.append(outgoing)
 
     def _commit(self, members, size: int, description: str, deadline: float | None) -> None:
@@ -4061,8 +4074,8 @@ class Spout:
         """Creates the consumer, retrying with back-off while the broker is unreachable."""
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError, SaslAuthenticationFailedError
-        delay = 1.0
-        while not self.stop.is_set():
+        backoff = Backoff(self.stop, 1.0, CONNECT_BACKOFF_MAX)
+        while True:
             self.refused_in_authentication = False
             try:
                 self.consumer = KafkaConsumer(**self.consumer_options())
@@ -4075,14 +4088,16 @@ class Spout:
                     log.warning("Kafka at %s refused this spout in SASL authentication "
                                 "(%s): the username or password is probably wrong (%s); "
                                 "retrying in %.0fs", self.config.broker_address,
-                                self.config.kafka_options.get("sasl_mechanism"), error, delay)
+                                self.config.kafka_options.get("sasl_mechanism"), error,
+                                backoff.delay)
                 else:
                     log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",
-                                self.config.broker_address, type(error).__name__, delay)
-            if self.stop.wait(delay):
-                break
-            delay = min(delay * 2, CONNECT_BACKOFF_MAX)
-        return False
+                                self.config.broker_address, type(error).__name__,
+                                backoff.delay)
+            try:
+                backoff.wait()
+            except Stopped:
+                return False
 
     def subscribe(self) -> None:
         from kafka import ConsumerRebalanceListener

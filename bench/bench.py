@@ -485,7 +485,7 @@ SEGMENT_SIZES = (200, 10 * KIB)
 for _format in ("jsonl", "parquet"):
     DELIVERIES[f"{_format} 1.x"] = functools.partial(spout_pipe, format=_format)
     DELIVERIES[f"{_format} 2.x"] = functools.partial(spout_pachd, format=_format)
-SEGMENT_ROWS = ("jsonl 1.x", "jsonl 2.x", "parquet 1.x", "parquet 2.x")
+SEGMENT_ROWS = ["jsonl 1.x", "jsonl 2.x", "parquet 1.x", "parquet 2.x"]
 BASELINE = "kafka-python"
 
 
@@ -741,8 +741,14 @@ def main() -> None:
     if args.spout:
         SPOUT_SCRIPT = Path(args.spout).resolve()
     for path in args.compare:
-        DELIVERIES[f"spout {Path(path).stem}"] = functools.partial(
-            spout_pipe, script=Path(path).resolve())
+        # The other copy on both deliveries, raw and jsonl: the rows a before/after needs.
+        stem, script = Path(path).stem, Path(path).resolve()
+        DELIVERIES[f"{stem} 1.x pipe"] = functools.partial(spout_pipe, script=script)
+        DELIVERIES[f"{stem} 2.x pachd"] = functools.partial(spout_pachd, script=script)
+        for delivery, row in ((spout_pipe, "1.x"), (spout_pachd, "2.x")):
+            DELIVERIES[f"{stem} jsonl {row}"] = functools.partial(delivery, script=script,
+                                                                  format="jsonl")
+            SEGMENT_ROWS.append(f"{stem} jsonl {row}")
     parts = set(args.only or ("e2e", "owned", "memory", "profile", "decode"))
     sizes = SIZES if not args.sizes else {
         label: SIZES[label] for label in (s.strip() for s in args.sizes.split(","))}

@@ -2388,6 +2388,9 @@ class PipeWriter:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        # Positions count from the next fd's first byte: a requeued archive's start is taken
+        # before its write opens that fd.
+        self.written = 0
 
     def reader_gone(self) -> bool:
         """No process has the pipe open for reading (a write would fail with EPIPE)."""
@@ -2497,13 +2500,19 @@ class PipeArchives:
 
     def send(self, archive: Archive, token, deadline: float | None = None) -> None:
         self.in_flight.append(Pending(archive, token))
-        self._write([self.in_flight[-1]], deadline)
+        self._write(deadline)
 
-    def _write(self, entries: list[Pending], deadline: float | None) -> None:
+    def _write(self, deadline: float | None) -> None:
+        """Writes, oldest first, every archive in flight that the pipe does not hold whole.
+
+        Archives that a requeue left to write again (its wait for a reader may have been
+        ended by a stop) go before the new one: an archive, and the marker in it, must never
+        reach the reader ahead of one before it."""
         delay = 0.05
-        entries = list(entries)
-        while entries:
-            entry = entries[0]
+        while True:
+            entry = next((e for e in self.in_flight if e.end is None), None)
+            if entry is None:
+                return
             try:
                 if entry.start is None:
                     entry.start = self.pipe.written
@@ -2513,7 +2522,6 @@ class PipeArchives:
                     self.pipe.write(entry.archive.parts, deadline,
                                     skip=self.pipe.written - entry.start)
                 entry.end = self.pipe.written
-                entries.pop(0)
             except BrokenPipeError:
                 if self.reader_missing_since is None:
                     self.reader_missing_since = time.monotonic()
@@ -2577,7 +2585,7 @@ class PipeArchives:
             entries = self._requeue()
             log.warning("pipe %s has had no reader for %.1fs; writing %d archive(s) again",
                         self.pipe.path, READER_GONE_SECONDS, len(entries))
-            self._write(entries, None)
+            self._write(None)
 
     def _release(self, taken: Callable[[Pending], bool]) -> None:
         while self.in_flight and self.in_flight[0].end is not None and taken(self.in_flight[0]):
@@ -2601,7 +2609,14 @@ class PipeArchives:
         return delivered
 
     def drain(self, deadline: float) -> list:
-        """Waits until the reader has read all that was written, or the deadline passes."""
+        """Writes what a requeue left to write again, then waits until the reader has read
+        all that was written; both up to the deadline."""
+        try:
+            self._write(deadline)
+        except Stopped:
+            log.warning("no reader took the %d archive(s) waiting to be written again; their "
+                        "messages stay undelivered", sum(e.end is None for e in self.in_flight))
+            return self.poll(final=True)
         delay = 0.001
         while self.in_flight and self.pipe.unread() > 0 and time.monotonic() < deadline:
             time.sleep(delay)

@@ -2373,6 +2373,10 @@ class PipeWriter:
             return False
         delay = 0.0005
         while self.capacity - self.unread() - PIPE_SLACK < size:
+            # A reader that left frees no room, and without a write nothing fails: only
+            # POLLERR tells that it is gone.
+            if self.reader_gone():
+                raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
             deadline = self._finish_by(deadline)
             wait_or_stop(self.stop, delay, deadline)
             delay = min(delay * 2, 0.01)
@@ -2448,7 +2452,8 @@ class PipeWriter:
                         self.torn = True
                         self.close()
                         raise Stopped("the reader did not take the archive in time") from None
-                poller.poll(min(wait_ms, 1000))
+                if any(event & select.POLLERR for _, event in poller.poll(min(wait_ms, 1000))):
+                    raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
                 continue
             self.written += sent
             while sent:
@@ -2512,6 +2517,8 @@ class PipeArchives:
         while True:
             entry = next((e for e in self.in_flight if e.end is None), None)
             if entry is None:
+                if self.pipe.fd is not None and not self.pipe.reader_gone():
+                    self.reader_missing_since = None
                 return
             try:
                 if entry.start is None:

@@ -190,3 +190,38 @@ def test_a_stop_while_the_requeue_waits_loses_no_offset_and_no_marker_passes_one
                     f"marker {markers[-1]} passes offsets not committed"
     assert markers[0] == 5 and markers[-1] == 19
     assert marker_offsets((fifo.parent / "offsets").read_bytes(), topic) == 19
+
+
+# -- case 6: a write that waits for room notices the reader is gone
+
+def test_a_write_waiting_for_room_notices_the_reader_gone_for_good(fifo, stop):
+    config = spout.Config.from_sources({"BOOTSTRAP_SERVERS": "127.0.0.1:1", "TOPIC": "events",
+                                        "OUTPUT_PIPE": str(fifo)})
+    pipe_delivery = spout.PipeDelivery(config, stop)
+    archives = pipe_delivery.archives
+    # Each fits the 1 MiB pipe, both do not: b waits for room that a's reader would make.
+    a, b = archive("a", 600_000), archive("b", 600_000)
+    old_reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    reader = None
+    try:
+        archives.send(a, "a")
+        writing, outcome = in_thread(archives.send, b, "b")
+        wait_until(lambda: len(archives.in_flight) == 2, 5, "b to wait for room")
+        os.close(old_reader)  # the reader leaves for good without the write seeing EPIPE
+        fresh_fifo(fifo)
+        wait_until(pipe_delivery.unreachable, 5, "the missing reader to be reported")
+        assert writing.is_alive()
+        reader = PfsReader(str(fifo), "g3").start()
+        wait_until(lambda: len(reader.commits) >= 2, 10, "a and b in the new FIFO")
+        writing.join(5)
+        assert outcome == {"result": None}
+        assert reader.snapshot() == {"/a/data": b"a" * 600_000, "/b/data": b"b" * 600_000}
+        wait_until(lambda: archives.pipe.unread() == 0, 5, "the reader to read all")
+        assert pipe_delivery.held(final=True) == ["a", "b"]
+        pipe_delivery.check()
+        assert pipe_delivery.unreachable() is None
+        assert pipe_delivery.redelivered() == 2
+    finally:
+        archives.pipe.close()
+        if reader:
+            reader.stop()

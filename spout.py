@@ -2333,6 +2333,9 @@ class PipeWriter:
         self.stop = stop
         self.fd: int | None = None
         self.written = 0          # bytes written since this fd was opened
+        # How far the reader had read when last seen there: where it can have closed the
+        # pipe at the earliest.
+        self.read_mark = 0
         self.torn = False         # an archive was abandoned half-written: write nothing more
         self.capacity = 0
         self.unread_supported = _FIONREAD is not None
@@ -2344,7 +2347,7 @@ class PipeWriter:
         while True:
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                self.written = 0
+                self.written = self.read_mark = 0
                 self.capacity = self._grow_pipe()
                 self.waiting_since = None
                 return
@@ -2377,6 +2380,7 @@ class PipeWriter:
             # POLLERR tells that it is gone.
             if self.reader_gone():
                 raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
+            self._mark_read()
             deadline = self._finish_by(deadline)
             wait_or_stop(self.stop, delay, deadline)
             delay = min(delay * 2, 0.01)
@@ -2394,7 +2398,7 @@ class PipeWriter:
             self.fd = None
         # Positions count from the next fd's first byte: a requeued archive's start is taken
         # before its write opens that fd.
-        self.written = 0
+        self.written = self.read_mark = 0
 
     def reader_gone(self) -> bool:
         """No process has the pipe open for reading (a write would fail with EPIPE)."""
@@ -2403,6 +2407,10 @@ class PipeWriter:
         poller = select.poll()
         poller.register(self.fd, select.POLLOUT)
         return any(event & select.POLLERR for _, event in poller.poll(0))
+
+    def _mark_read(self) -> None:
+        if self.unread_supported and self.fd is not None:
+            self.read_mark = self.written - self.unread()
 
     def unread(self) -> int:
         """Bytes written that the reader has not read yet (Linux: FIONREAD on the write end)."""
@@ -2428,6 +2436,7 @@ class PipeWriter:
                 parts = [b"".join(parts)]
             sent = os.writev(self.fd, parts)
             self.written += sent
+            self._mark_read()
             if sent == total:
                 return
             parts, skip = [b"".join(parts)], sent
@@ -2456,6 +2465,7 @@ class PipeWriter:
                     raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
                 continue
             self.written += sent
+            self._mark_read()
             while sent:
                 length = len(views[index])
                 if sent >= length:
@@ -2547,11 +2557,17 @@ class PipeArchives:
         """True if the reader had stopped exactly at an archive's end and has the same pipe
         open again: what is in the pipe then starts with a whole archive."""
         consumed = self._consumed()
-        boundaries = {0, current.start} | {e.end for e in self.in_flight if e.end is not None}
+        # Starts too: the end of an archive already released is where the next one starts.
+        boundaries = {0} | {e.start for e in self.in_flight if e.start is not None} | \
+            {e.end for e in self.in_flight if e.end is not None}
         if consumed not in boundaries:
             # A reader that reopens at once (1.8-1.10 do so after every archive) can be back,
-            # and reading the next archive, before the failed write is even noticed: only
-            # such a reader is there again this soon.
+            # and reading the next archive, before the failed write is even noticed. But
+            # 1.8-1.10 also reopen the same pipe after an error mid-archive: such a reader
+            # never saw the beginning of what follows. Only one that can have closed at an
+            # archive's end (at or after where it was last seen) is trusted with the rest.
+            if not any(self.pipe.read_mark <= end <= consumed for end in boundaries):
+                return False
             return not self.pipe.reader_gone()
         waited_until = time.monotonic() + READER_GONE_SECONDS
         delay = 0.001

@@ -225,3 +225,64 @@ def test_a_write_waiting_for_room_notices_the_reader_gone_for_good(fifo, stop):
         archives.pipe.close()
         if reader:
             reader.stop()
+
+
+# -- a reader back on the same pipe mid-archive never gets the rest of it
+
+def test_a_reader_back_mid_archive_gets_the_archive_again_from_its_first_byte(fifo, delivery):
+    """1.8-1.10 reopen the same pipe after an error mid-archive (a failed put, a tar error):
+    if that reader is back before the writer looks, it never saw the archive's beginning."""
+    a, b = archive("a", 2000), archive("b", 1_500_000)
+    first = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    late: dict = {}
+    write = delivery.pipe.write
+
+    def write_then_reader_back(*args, **kwargs):
+        try:
+            return write(*args, **kwargs)
+        except BrokenPipeError:
+            if not late:  # the reader is back before the writer looks
+                late["fd"] = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            raise
+    delivery.pipe.write = write_then_reader_back
+    delivery.send(a, "a")
+    writing, outcome = in_thread(delivery.send, b, "b")
+    wait_until(lambda: delivery.pipe.written > a.size + 1000, 5, "b to be under way")
+    os.set_blocking(first, True)
+    mid_b = a.size + 100_000
+    read_exactly(first, mid_b)
+    # The writer refilled what was read, so it saw the reader there, mid-b.
+    wait_until(lambda: delivery.pipe.written - mid_b >= delivery.pipe.capacity - 8192, 5,
+               "the writer to refill the pipe")
+    os.close(first)
+    wait_until(lambda: late, 5, "the broken pipe")
+    received = bytearray()
+    done = threading.Event()
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(late["fd"], 1 << 20)
+            except BlockingIOError:
+                chunk = None
+            if chunk:
+                received.extend(chunk)
+            elif done.is_set() and chunk == b"":
+                return
+            else:
+                time.sleep(0.002)  # nothing to read yet: not a synchronisation
+    draining = threading.Thread(target=drain, daemon=True)
+    draining.start()
+    try:
+        writing.join(10)
+        assert outcome == {"result": None}
+        wait_until(lambda: delivery.pipe.unread() == 0, 5, "the late reader to read all")
+        # Whatever the pipe held of b reaches it first; then b again, whole.
+        assert delivery.broken_pipes == 1
+        assert bytes(received).endswith(raw(b))
+        assert delivery.poll(final=True) == ["a", "b"]
+    finally:
+        delivery.pipe.close()
+        done.set()
+        draining.join(5)
+        os.close(late["fd"])

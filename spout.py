@@ -2615,6 +2615,9 @@ class PipeWriter:
         self.stop = stop
         self.fd: int | None = None
         self.written = 0          # bytes written since this fd was opened
+        # How far the reader had read when last seen there: where it can have closed the
+        # pipe at the earliest.
+        self.read_mark = 0
         self.torn = False         # an archive was abandoned half-written: write nothing more
         self.capacity = 0
         self.unread_supported = _FIONREAD is not None
@@ -2626,7 +2629,7 @@ class PipeWriter:
         while True:
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                self.written = 0
+                self.written = self.read_mark = 0
                 self.capacity = self._grow_pipe()
                 self.waiting_since = None
                 return
@@ -2655,6 +2658,11 @@ class PipeWriter:
             return False
         delay = 0.0005
         while self.capacity - self.unread() - PIPE_SLACK < size:
+            # A reader that left frees no room, and without a write nothing fails: only
+            # POLLERR tells that it is gone.
+            if self.reader_gone():
+                raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
+            self._mark_read()
             deadline = self._finish_by(deadline)
             wait_or_stop(self.stop, delay, deadline)
             delay = min(delay * 2, 0.01)
@@ -2670,6 +2678,9 @@ class PipeWriter:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        # Positions count from the next fd's first byte: a requeued archive's start is taken
+        # before its write opens that fd.
+        self.written = self.read_mark = 0
 
     def reader_gone(self) -> bool:
         """No process has the pipe open for reading (a write would fail with EPIPE)."""
@@ -2678,6 +2689,10 @@ class PipeWriter:
         poller = select.poll()
         poller.register(self.fd, select.POLLOUT)
         return any(event & select.POLLERR for _, event in poller.poll(0))
+
+    def _mark_read(self) -> None:
+        if self.unread_supported and self.fd is not None:
+            self.read_mark = self.written - self.unread()
 
     def unread(self) -> int:
         """Bytes written that the reader has not read yet (Linux: FIONREAD on the write end)."""
@@ -2703,6 +2718,7 @@ class PipeWriter:
                 parts = [b"".join(parts)]
             sent = os.writev(self.fd, parts)
             self.written += sent
+            self._mark_read()
             if sent == total:
                 return
             parts, skip = [b"".join(parts)], sent
@@ -2727,9 +2743,11 @@ class PipeWriter:
                         self.torn = True
                         self.close()
                         raise Stopped("the reader did not take the archive in time") from None
-                poller.poll(min(wait_ms, 1000))
+                if any(event & select.POLLERR for _, event in poller.poll(min(wait_ms, 1000))):
+                    raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
                 continue
             self.written += sent
+            self._mark_read()
             while sent:
                 length = len(views[index])
                 if sent >= length:
@@ -2779,13 +2797,21 @@ class PipeArchives:
 
     def send(self, archive: Archive, token, deadline: float | None = None) -> None:
         self.in_flight.append(Pending(archive, token))
-        self._write([self.in_flight[-1]], deadline)
+        self._write(deadline)
 
-    def _write(self, entries: list[Pending], deadline: float | None) -> None:
+    def _write(self, deadline: float | None) -> None:
+        """Writes, oldest first, every archive in flight that the pipe does not hold whole.
+
+        Archives that a requeue left to write again (its wait for a reader may have been
+        ended by a stop) go before the new one: an archive, and the marker in it, must never
+        reach the reader ahead of one before it."""
         delay = 0.05
-        entries = list(entries)
-        while entries:
-            entry = entries[0]
+        while True:
+            entry = next((e for e in self.in_flight if e.end is None), None)
+            if entry is None:
+                if self.pipe.fd is not None and not self.pipe.reader_gone():
+                    self.reader_missing_since = None
+                return
             try:
                 if entry.start is None:
                     entry.start = self.pipe.written
@@ -2795,7 +2821,6 @@ class PipeArchives:
                     self.pipe.write(entry.archive.parts, deadline,
                                     skip=self.pipe.written - entry.start)
                 entry.end = self.pipe.written
-                entries.pop(0)
             except BrokenPipeError:
                 if self.reader_missing_since is None:
                     self.reader_missing_since = time.monotonic()
@@ -2814,11 +2839,17 @@ class PipeArchives:
         """True if the reader had stopped exactly at an archive's end and has the same pipe
         open again: what is in the pipe then starts with a whole archive."""
         consumed = self._consumed()
-        boundaries = {0, current.start} | {e.end for e in self.in_flight if e.end is not None}
+        # Starts too: the end of an archive already released is where the next one starts.
+        boundaries = {0} | {e.start for e in self.in_flight if e.start is not None} | \
+            {e.end for e in self.in_flight if e.end is not None}
         if consumed not in boundaries:
             # A reader that reopens at once (1.8-1.10 do so after every archive) can be back,
-            # and reading the next archive, before the failed write is even noticed: only
-            # such a reader is there again this soon.
+            # and reading the next archive, before the failed write is even noticed. But
+            # 1.8-1.10 also reopen the same pipe after an error mid-archive: such a reader
+            # never saw the beginning of what follows. Only one that can have closed at an
+            # archive's end (at or after where it was last seen) is trusted with the rest.
+            if not any(self.pipe.read_mark <= end <= consumed for end in boundaries):
+                return False
             return not self.pipe.reader_gone()
         waited_until = time.monotonic() + READER_GONE_SECONDS
         delay = 0.001
@@ -2859,7 +2890,7 @@ class PipeArchives:
             entries = self._requeue()
             log.warning("pipe %s has had no reader for %.1fs; writing %d archive(s) again",
                         self.pipe.path, READER_GONE_SECONDS, len(entries))
-            self._write(entries, None)
+            self._write(None)
 
     def _release(self, taken: Callable[[Pending], bool]) -> None:
         while self.in_flight and self.in_flight[0].end is not None and taken(self.in_flight[0]):
@@ -2883,7 +2914,14 @@ class PipeArchives:
         return delivered
 
     def drain(self, deadline: float) -> list:
-        """Waits until the reader has read all that was written, or the deadline passes."""
+        """Writes what a requeue left to write again, then waits until the reader has read
+        all that was written; both up to the deadline."""
+        try:
+            self._write(deadline)
+        except Stopped:
+            log.warning("no reader took the %d archive(s) waiting to be written again; their "
+                        "messages stay undelivered", sum(e.end is None for e in self.in_flight))
+            return self.poll(final=True)
         delay = 0.001
         while self.in_flight and self.pipe.unread() > 0 and time.monotonic() < deadline:
             time.sleep(delay)

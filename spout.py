@@ -2571,21 +2571,10 @@ READER_GONE_SECONDS = 1.0
 PIPE_SLACK = 8192
 
 
-def wait_or_stop(stop: threading.Event, delay: float, deadline: float | None) -> None:
-    """Sleeps before a retry. Without a deadline a stop request ends the wait (Stopped);
-    with one (the shutdown's own writes) only the deadline does."""
-    if deadline is None:
-        if stop.wait(delay):
-            raise Stopped("stopping")
-    elif time.monotonic() + delay >= deadline:
-        raise Stopped("out of time")
-    else:
-        time.sleep(delay)
-
-
 class Backoff:
-    """The waits between tries: doubling from `first` up to `most`, each cut short as
-    wait_or_stop() does. `delay` is the next wait, for the log line that announces it."""
+    """The waits between tries, doubling from `first` up to `most`. Without a deadline a stop
+    request ends a wait (Stopped); with one (the shutdown's own writes) only the deadline
+    does. `delay` is the next wait, for the log line that announces it."""
     __slots__ = ("stop", "delay", "most", "deadline")
 
     def __init__(self, stop: threading.Event, first: float, most: float,
@@ -2596,7 +2585,13 @@ class Backoff:
         self.deadline = deadline
 
     def wait(self) -> None:
-        wait_or_stop(self.stop, self.delay, self.deadline)
+        if self.deadline is None:
+            if self.stop.wait(self.delay):
+                raise Stopped("stopping")
+        elif time.monotonic() + self.delay >= self.deadline:
+            raise Stopped("out of time")
+        else:
+            time.sleep(self.delay)
         self.delay = min(self.delay * 2, self.most)
 
 
@@ -2625,7 +2620,7 @@ class PipeWriter:
 
     def open(self, deadline: float | None = None) -> None:
         """Waits for a reader, polling: a blocking open cannot be given up at a deadline."""
-        delay = 0.001
+        backoff = Backoff(self.stop, 0.001, 0.05, deadline)
         while True:
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -2638,8 +2633,7 @@ class PipeWriter:
                     raise
             if self.waiting_since is None:
                 self.waiting_since = time.monotonic()
-            wait_or_stop(self.stop, delay, deadline)
-            delay = min(delay * 2, 0.05)
+            backoff.wait()
 
     def _grow_pipe(self) -> int:
         """A larger pipe buffer holds whole archives: fewer wake-ups, and atomic writes."""
@@ -2656,16 +2650,15 @@ class PipeWriter:
         """Waits until the pipe has room for size bytes at once; False if it never can."""
         if not self.unread_supported or size > self.capacity - PIPE_SLACK:
             return False
-        delay = 0.0005
+        backoff = Backoff(self.stop, 0.0005, 0.01, deadline)
         while self.capacity - self.unread() - PIPE_SLACK < size:
             # A reader that left frees no room, and without a write nothing fails: only
             # POLLERR tells that it is gone.
             if self.reader_gone():
                 raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
             self._mark_read()
-            deadline = self._finish_by(deadline)
-            wait_or_stop(self.stop, delay, deadline)
-            delay = min(delay * 2, 0.01)
+            backoff.deadline = self._finish_by(backoff.deadline)
+            backoff.wait()
         return True
 
     def _finish_by(self, deadline: float | None) -> float | None:
@@ -2805,7 +2798,7 @@ class PipeArchives:
         Archives that a requeue left to write again (its wait for a reader may have been
         ended by a stop) go before the new one: an archive, and the marker in it, must never
         reach the reader ahead of one before it."""
-        delay = 0.05
+        backoff = Backoff(self.pipe.stop, 0.05, self.retry_max_seconds, deadline)
         while True:
             entry = next((e for e in self.in_flight if e.end is None), None)
             if entry is None:
@@ -2828,9 +2821,8 @@ class PipeArchives:
                     continue
                 entries = self._requeue()
                 log.warning("pipe %s broken (reader gone); writing %d archive(s) again "
-                            "in %.2fs", self.pipe.path, len(entries), delay)
-                wait_or_stop(self.pipe.stop, delay, deadline)
-                delay = min(delay * 2, self.retry_max_seconds)
+                            "in %.2fs", self.pipe.path, len(entries), backoff.delay)
+                backoff.wait()
 
     def _consumed(self) -> int:
         return self.pipe.written - self.pipe.unread()
@@ -2852,12 +2844,11 @@ class PipeArchives:
                 return False
             return not self.pipe.reader_gone()
         waited_until = time.monotonic() + READER_GONE_SECONDS
-        delay = 0.001
+        backoff = Backoff(self.pipe.stop, 0.001, 0.05, deadline)
         while self.pipe.reader_gone():
             if time.monotonic() >= waited_until:
                 return False
-            wait_or_stop(self.pipe.stop, delay, deadline)
-            delay = min(delay * 2, 0.05)
+            backoff.wait()
         return True
 
     def _requeue(self) -> list[Pending]:

@@ -76,10 +76,13 @@ _SIZE_RE = re.compile(r"\s*(\d+)\s*([a-zA-Z]*)\s*")
 # Kafka's own rule for topic names.
 _TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _HOST_PORT_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d+)")
-# Kubernetes injects <SERVICE>_PORT, <SERVICE>_SERVICE_HOST, ... for every Service in the
-# namespace; a Service called "kafka" must not make the spout refuse to start.
+# Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_SERVICE_PORT[_<PORT NAME>],
+# <SERVICE>_PORT[_<N>_<PROTO>[_ADDR|_PORT|_PROTO]] for every Service in the namespace, the
+# name upper-cased with '-' as '_': Services called "kafka", "kafka-ui" or "kafka-0" beside
+# the spout must not make it refuse to start. No KafkaConsumer option has this shape.
 _K8S_SERVICE_ENV_RE = re.compile(
-    r"KAFKA_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
+    r"KAFKA(_[A-Z0-9_]+?)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|"
+    r"PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
 
 def parse_positive_int(text: str) -> int:
@@ -562,12 +565,21 @@ class Config:
         return " ".join(f"{name}={value!r}" for name, value in fields.items())
 
 
+def is_kubernetes_variable(env_name: str, defaults: Mapping[str, object]) -> bool:
+    # An option's own name wins over the shape, so that no real setting is ever dropped.
+    return env_name[len("KAFKA_"):].lower() not in defaults and \
+        _K8S_SERVICE_ENV_RE.fullmatch(env_name) is not None
+
+
 def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> dict:
     defaults = _kafka_option_defaults()
     raw: dict[str, tuple[str, str]] = {}
     for env_name, text in environ.items():
-        if env_name.startswith("KAFKA_") and not _K8S_SERVICE_ENV_RE.fullmatch(env_name):
-            raw[env_name[len("KAFKA_"):].lower()] = (env_name, text)
+        if not env_name.startswith("KAFKA_"):
+            continue
+        if is_kubernetes_variable(env_name, defaults):
+            continue
+        raw[env_name[len("KAFKA_"):].lower()] = (env_name, text)
     for flag in flags:
         name, sep, text = flag.partition("=")
         if not sep:
@@ -4311,6 +4323,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"spout.py: error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    defaults = _kafka_option_defaults()
+    ignored = sorted(name for name in environ if name.startswith("KAFKA_") and
+                     is_kubernetes_variable(name, defaults))
+    if ignored:
+        log.debug("not KafkaConsumer options but a Kubernetes Service's: %s", " ".join(ignored))
     stop = threading.Event()
 
     def request_stop(signum, _frame):

@@ -31,6 +31,7 @@ import datetime
 import decimal
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import itertools
@@ -546,8 +547,14 @@ class Config:
 
     def wants_topic(self, topic: str) -> bool:
         if self.topic_pattern is not None:
-            return re.fullmatch(self.topic_pattern, topic) is not None and not (
-                self.marker and topic.startswith(self.marker))
+            if re.fullmatch(self.topic_pattern, topic) is None:
+                return False
+            clash = self.marker and marker_clash(self.name_template, self.marker, topic,
+                                                 NAME_SUFFIXES.get(self.format, ""))
+            if clash and topic not in _SKIPPED_TOPICS:
+                _SKIPPED_TOPICS.add(topic)
+                log.warning("skipping topic %s, which TOPIC_PATTERN matches: %s", topic, clash)
+            return not clash
         return topic in self.topics
 
     def describe(self) -> str:
@@ -635,15 +642,25 @@ def check_security(options: Mapping[str, object]) -> None:
 
 
 def check_marker_is_apart(config: Config) -> None:
-    """Pachyderm diverts every member whose path starts with the marker's name."""
-    template = NameTemplate(config.name_template)
-    for topic in config.topics or ("t",):
-        for key in (config.marker.encode(), b"k"):
-            name = template.render(topic, 0, 0, key, 0)
-            if name.lstrip("/").startswith(config.marker):
-                raise ConfigError("MARKER", f"names such as {name!r} start with the marker "
-                                  f"name {config.marker!r}; Pachyderm would take them for "
-                                  "the marker")
+    """Pachyderm 1.x diverts every member whose path starts with the marker's name to the
+    marker branch: the file is lost and the marker overwritten. Dead letters (_errors/) never
+    clash, as a marker name starts with a letter."""
+    for topic in config.topics or (None,):
+        clash = marker_clash(config.name_template, config.marker, topic,
+                             NAME_SUFFIXES.get(config.format, ""))
+        # With TOPIC_PATTERN, a clash that depends on the topic skips that topic (wants_topic).
+        if clash and not (topic is None and clash.startswith("{topic}")):
+            raise ConfigError("MARKER", f"{clash}; Pachyderm would take them for the marker")
+
+
+_SKIPPED_TOPICS: set = set()  # logged once each
+# What a format appends to a message's name for a second file.
+NAME_SUFFIXES = {"raw+meta": ".meta.json"}
+
+
+@functools.lru_cache(maxsize=4096)
+def marker_clash(template: str, marker: str, topic: str | None, suffix: str) -> str | None:
+    return NameTemplate(template).marker_clash(marker, topic, suffix)
 
 
 def output_pipe_problem(path: str) -> str | None:
@@ -872,8 +889,9 @@ EMPTY_KEY = "%empty"
 def encode_component(raw: bytes | str | None) -> str:
     """Makes one path component valid in PFS, reversibly, so different inputs never collide.
 
-    Percent-encoding of everything but letters, digits and '-._~'; a component of dots only is
-    encoded whole so it cannot climb out of its folder. Null and empty keys, and the hashed
+    Percent-encoding of everything but letters, digits and '-._~', and of a leading '.'; a
+    component of dots only is encoded whole so it cannot climb out of its folder. Null and
+    empty keys, and the hashed
     tail of very long keys, use '%' sequences that percent-encoding never produces.
     """
     if raw is None:
@@ -881,8 +899,10 @@ def encode_component(raw: bytes | str | None) -> str:
     if not raw:
         return EMPTY_KEY
     encoded = quote(raw, safe=_UNRESERVED)
-    if not encoded.strip("."):
-        encoded = "".join(f"%{ord(c):02X}" for c in encoded)
+    if encoded[0] == ".":
+        # No leading dot, so that even a prefix cut by a format spec ({key:.2} of '..x') is
+        # never '.' or '..'; quote() never writes %2E, so names stay distinct and reversible.
+        encoded = "%2E" + encoded[1:] if encoded.strip(".") else "%2E" * len(encoded)
     if len(encoded) > MAX_COMPONENT:
         data = raw.encode() if isinstance(raw, str) else bytes(raw)
         digest = hashlib.sha256(data).hexdigest()[:32]
@@ -901,6 +921,54 @@ def pfs_path_problem(path: str) -> str | None:
     if any(part in ("", ".", "..") for part in parts):
         return "path has an empty, '.' or '..' component"
     return None
+
+
+# Tokens rendered from text (the rest are integers), and the characters each can start with.
+_TEXT_TOKENS = frozenset(("topic", "key", "key_hash", "date", "hour"))
+_ENCODED_FIRST = frozenset(string.ascii_letters + string.digits + "-_~%")  # encode_component
+_FIRST_CHARS = {"topic": _ENCODED_FIRST, "key": _ENCODED_FIRST,
+                "key_hash": frozenset("0123456789abcdefn"), "date": frozenset(string.digits),
+                "hour": frozenset(string.digits), "partition": frozenset(string.digits),
+                "offset": frozenset(string.digits), "timestamp": frozenset(string.digits + "-")}
+_HEX_FIRST = {"x": frozenset("abcdef"), "X": frozenset("ABCDEF")}
+_FORMAT_SPEC = re.compile(r"(?:(?P<fill>.)?(?P<align>[<>=^]))?(?P<sign>[-+ ])?z?#?(?P<zero>0)?"
+                          r"(?P<width>\d+)?[_,]?(?:\.(?P<precision>\d+))?(?P<type>[a-zA-Z%])?",
+                          re.DOTALL)
+
+
+def spec_problem(field: str, spec: str) -> str | None:
+    """Why a format spec could make a token render a bad path piece, or None.
+
+    Held for every accepted spec, whatever the message: a token renders at least one
+    character that is not '.', and never '/' (its value's characters, a fill, a sign): so
+    every path component holding a token is valid, and one of literal text alone is checked
+    once by rendering it.
+    """
+    match = _FORMAT_SPEC.fullmatch(spec)
+    if match is None:
+        return None  # format() refuses it when the template is tried
+    fill = match["fill"]
+    if fill is not None and (fill == "/" or fill in PFS_FORBIDDEN or not " " <= fill <= "~"):
+        return f"fill {fill!r} in {{{field}:{spec}}} is not allowed in PFS paths"
+    if field in _TEXT_TOKENS and match["precision"] is not None and int(match["precision"]) == 0:
+        return f"{{{field}:{spec}}} renders nothing"
+    if field not in _TEXT_TOKENS and match["type"] == "c":
+        return f"{{{field}:{spec}}} renders a character ('.', '/', ...), not a number"
+    return None
+
+
+def spec_first_chars(field: str, spec: str) -> frozenset:
+    """Every character the token can start with under spec (a superset)."""
+    chars = set(_FIRST_CHARS[field])
+    match = _FORMAT_SPEC.fullmatch(spec or "")
+    if match is None:
+        return chars
+    if match["width"] is not None or match["zero"]:
+        chars |= {match["fill"] or " ", "0"}
+    if match["sign"] in ("+", " "):
+        chars.add(match["sign"])
+    chars |= _HEX_FIRST.get(match["type"], frozenset())
+    return frozenset(chars)
 
 
 class NameTemplate:
@@ -924,6 +992,9 @@ class NameTemplate:
                 raise ValueError(f"conversion !{conversion} is not supported")
             if "{" in (spec or ""):
                 raise ValueError("nested fields in format specs are not supported")
+            problem = spec_problem(field, spec or "")
+            if problem:
+                raise ValueError(problem)
             used.add(field)
             positional.append("{%d%s}" % (NAME_TOKENS.index(field), f":{spec}" if spec else ""))
         if not used:
@@ -978,9 +1049,42 @@ class NameTemplate:
         return [render(topic, partition, record.offset, record.key, record.timestamp)
                 for record in records]
 
+    def marker_clash(self, marker: str, topic: str | None, suffix: str = "") -> str | None:
+        """Why some name (plus suffix) rendered for topic (None: a topic not known yet) could
+        start with marker, as Pachyderm 1.x compares them; None if none ever can.
+
+        Complete, as tokens never render '/' nor an empty string: literal text and a known
+        topic are compared as they are; at the first other token, its possible first
+        characters decide (a superset, so a clash is never missed).
+        """
+        text, first = "", True
+        for literal, field, spec, _ in self._fields + [(suffix, None, None, None)]:
+            text += literal
+            if first:
+                text = text.lstrip("/")  # Pachyderm cleans the path to one leading '/'
+            shared = min(len(text), len(marker))
+            if text[:shared] != marker[:shared]:
+                return None
+            if len(text) >= len(marker):
+                return (f"names such as {self.render(topic or 't', 0, 0, b'k', 0) + suffix!r} "
+                        f"start with the marker name {marker!r}")
+            if field is None:
+                continue
+            first = False
+            if field == "topic" and topic is not None:
+                text += format(encode_component(topic), spec or "")
+                continue
+            if field == "topic" or marker[len(text)] in spec_first_chars(field, spec):
+                return (f"{{{field}}}{' after ' + repr(text) if text else ''} can render names "
+                        f"that start with the marker name {marker!r}")
+            return None
+        return None
+
     def _offset_format(self, topic: str, partition: int) -> str | None:
         """The template as a %-format of the offset alone, the topic and partition filled in;
         None when the offset's spec is not one that % formats the same way."""
+        if sum(field == "offset" for _, field, _, _ in self._fields) > 1:
+            return None  # one % argument per name
         pieces = []
         values = {"topic": encode_component(topic), "partition": partition}
         for literal, field, spec, _ in self._fields:
@@ -1859,7 +1963,7 @@ FORMATS: dict[str, Callable | None] = {"raw": None, "json": as_json_file,
 
 def dead_letter_files(record, mtime: int) -> list[tuple[str, bytes, int]]:
     """ON_BAD_RECORD=dead-letter: the message's bytes as they came, and why, under _errors/."""
-    name = f"_errors/{record.topic}/{record.partition}/{record.offset:020d}"
+    name = f"_errors/{encode_component(record.topic)}/{record.partition}/{record.offset:020d}"
     problem = record.problem
     sidecar = record_metadata(record)
     sidecar.update(reason=problem.reason, detail=problem.detail, schema_id=problem.schema_id)

@@ -4046,6 +4046,11 @@ class Spout:
 # Kafka or Pachyderm out of reach this long fails /healthz; shorter absences are routine (a
 # 1.8-1.10 reader reopens the pipe for every archive, kafka-python reconnects by itself).
 HEALTH_GRACE_SECONDS = 5.0
+# The metrics server's bounds: a thread per connection, so a cap on connections; a timeout on
+# each socket operation; a cap on a request's line and headers (a GET has no body).
+METRICS_MAX_CONNECTIONS = 32
+METRICS_CONNECTION_SECONDS = 5.0
+METRICS_REQUEST_HEAD_BYTES = 16 * 1024
 # Lag and offsets are refreshed this often, between polls: per partition, not per message.
 METRICS_REFRESH_SECONDS = 0.5
 _FILES_PER_MESSAGE = {"raw": 1, "json": 1, "raw+meta": 2, "jsonl": 1, "parquet": 1}  # 1: unused
@@ -4322,7 +4327,14 @@ class MetricsMonitor(Monitor):
         monitor = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = METRICS_CONNECTION_SECONDS  # an idle client lets go of its thread
+
+            def setup(self):
+                super().setup()
+                self.rfile = _HeadReader(self.rfile, METRICS_REQUEST_HEAD_BYTES)
+
             def do_GET(self):
+                self.server.answering(self.request)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     status, (body, content_type) = 200, monitor.exposition()
@@ -4346,6 +4358,47 @@ class MetricsMonitor(Monitor):
             daemon_threads = True
             address_family = socket.AF_INET6 if ":" in self.config.metrics_address \
                 else socket.AF_INET
+            # socketserver's backlog of 5 drops the SYNs of a burst: a probe's retried 1 s on.
+            request_queue_size = 128
+            lock = threading.Lock()
+            connections: set = set()      # each holds a thread
+            reading: dict = {}            # those still sending their request, oldest first
+
+            def process_request(self, request, client_address):
+                # A thread per connection, so a bounded number: at the cap the oldest client
+                # still sending its request is cut off (a probe sends at once, so it is the
+                # flood that goes), and without one the newcomer is refused.
+                with self.lock:
+                    admit = len(self.connections) < METRICS_MAX_CONNECTIONS
+                    if not admit and self.reading:
+                        oldest = next(iter(self.reading))
+                        del self.reading[oldest]
+                        try:
+                            oldest.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                        # Cut-off ones hold their thread a moment longer: bounded too.
+                        admit = len(self.connections) < 2 * METRICS_MAX_CONNECTIONS
+                    if admit:
+                        self.connections.add(request)
+                        self.reading[request] = True
+                if not admit:
+                    super().shutdown_request(request)
+                    return
+                super().process_request(request, client_address)
+
+            def answering(self, request):
+                with self.lock:
+                    self.reading.pop(request, None)
+
+            def shutdown_request(self, request):
+                with self.lock:
+                    self.connections.discard(request)
+                    self.reading.pop(request, None)
+                super().shutdown_request(request)
+
+            def handle_error(self, request, client_address):
+                log.debug("metrics client %s: %s", client_address, sys.exc_info()[1])
 
         address, port = self.config.metrics_address, self.config.metrics_port
         shown = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -4364,6 +4417,24 @@ class MetricsMonitor(Monitor):
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+class _HeadReader:
+    """The request's line and headers, at most limit bytes in all: http.server reads up to 100
+    header lines of 64 KiB each, 6.5 MB per connection. Past the limit it reads as the end of
+    the headers, and the request is answered or refused as it stands."""
+
+    def __init__(self, stream, limit: int):
+        self.stream, self.left = stream, limit
+
+    def readline(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        line = self.stream.readline(size) if size > 0 else b""
+        self.left -= len(line)
+        return line
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class JsonLogFormatter(logging.Formatter):

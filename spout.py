@@ -31,6 +31,7 @@ import datetime
 import decimal
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import itertools
@@ -76,10 +77,13 @@ _SIZE_RE = re.compile(r"\s*(\d+)\s*([a-zA-Z]*)\s*")
 # Kafka's own rule for topic names.
 _TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _HOST_PORT_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d+)")
-# Kubernetes injects <SERVICE>_PORT, <SERVICE>_SERVICE_HOST, ... for every Service in the
-# namespace; a Service called "kafka" must not make the spout refuse to start.
+# Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_SERVICE_PORT[_<PORT NAME>],
+# <SERVICE>_PORT[_<N>_<PROTO>[_ADDR|_PORT|_PROTO]] for every Service in the namespace, the
+# name upper-cased with '-' as '_': Services called "kafka", "kafka-ui" or "kafka-0" beside
+# the spout must not make it refuse to start. No KafkaConsumer option has this shape.
 _K8S_SERVICE_ENV_RE = re.compile(
-    r"KAFKA_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
+    r"KAFKA(_[A-Z0-9_]+?)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|"
+    r"PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
 
 def parse_positive_int(text: str) -> int:
@@ -553,8 +557,14 @@ class Config:
 
     def wants_topic(self, topic: str) -> bool:
         if self.topic_pattern is not None:
-            return re.fullmatch(self.topic_pattern, topic) is not None and not (
-                self.marker and topic.startswith(self.marker))
+            if re.fullmatch(self.topic_pattern, topic) is None:
+                return False
+            clash = self.marker and marker_clash(self.name_template, self.marker, topic,
+                                                 NAME_SUFFIXES.get(self.format, ""))
+            if clash and topic not in _SKIPPED_TOPICS:
+                _SKIPPED_TOPICS.add(topic)
+                log.warning("skipping topic %s, which TOPIC_PATTERN matches: %s", topic, clash)
+            return not clash
         return topic in self.topics
 
     def describe(self) -> str:
@@ -572,12 +582,21 @@ class Config:
         return " ".join(f"{name}={value!r}" for name, value in fields.items())
 
 
+def is_kubernetes_variable(env_name: str, defaults: Mapping[str, object]) -> bool:
+    # An option's own name wins over the shape, so that no real setting is ever dropped.
+    return env_name[len("KAFKA_"):].lower() not in defaults and \
+        _K8S_SERVICE_ENV_RE.fullmatch(env_name) is not None
+
+
 def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> dict:
     defaults = _kafka_option_defaults()
     raw: dict[str, tuple[str, str]] = {}
     for env_name, text in environ.items():
-        if env_name.startswith("KAFKA_") and not _K8S_SERVICE_ENV_RE.fullmatch(env_name):
-            raw[env_name[len("KAFKA_"):].lower()] = (env_name, text)
+        if not env_name.startswith("KAFKA_"):
+            continue
+        if is_kubernetes_variable(env_name, defaults):
+            continue
+        raw[env_name[len("KAFKA_"):].lower()] = (env_name, text)
     for flag in flags:
         name, sep, text = flag.partition("=")
         if not sep:
@@ -633,15 +652,25 @@ def check_security(options: Mapping[str, object]) -> None:
 
 
 def check_marker_is_apart(config: Config) -> None:
-    """Pachyderm diverts every member whose path starts with the marker's name."""
-    template = NameTemplate(config.name_template)
-    for topic in config.topics or ("t",):
-        for key in (config.marker.encode(), b"k"):
-            name = template.render(topic, 0, 0, key, 0)
-            if name.lstrip("/").startswith(config.marker):
-                raise ConfigError("MARKER", f"names such as {name!r} start with the marker "
-                                  f"name {config.marker!r}; Pachyderm would take them for "
-                                  "the marker")
+    """Pachyderm 1.x diverts every member whose path starts with the marker's name to the
+    marker branch: the file is lost and the marker overwritten. Dead letters (_errors/) never
+    clash, as a marker name starts with a letter."""
+    for topic in config.topics or (None,):
+        clash = marker_clash(config.name_template, config.marker, topic,
+                             NAME_SUFFIXES.get(config.format, ""))
+        # With TOPIC_PATTERN, a clash that depends on the topic skips that topic (wants_topic).
+        if clash and not (topic is None and clash.startswith("{topic}")):
+            raise ConfigError("MARKER", f"{clash}; Pachyderm would take them for the marker")
+
+
+_SKIPPED_TOPICS: set = set()  # logged once each
+# What a format appends to a message's name for a second file.
+NAME_SUFFIXES = {"raw+meta": ".meta.json"}
+
+
+@functools.lru_cache(maxsize=4096)
+def marker_clash(template: str, marker: str, topic: str | None, suffix: str) -> str | None:
+    return NameTemplate(template).marker_clash(marker, topic, suffix)
 
 
 def output_pipe_problem(path: str) -> str | None:
@@ -870,8 +899,9 @@ EMPTY_KEY = "%empty"
 def encode_component(raw: bytes | str | None) -> str:
     """Makes one path component valid in PFS, reversibly, so different inputs never collide.
 
-    Percent-encoding of everything but letters, digits and '-._~'; a component of dots only is
-    encoded whole so it cannot climb out of its folder. Null and empty keys, and the hashed
+    Percent-encoding of everything but letters, digits and '-._~', and of a leading '.'; a
+    component of dots only is encoded whole so it cannot climb out of its folder. Null and
+    empty keys, and the hashed
     tail of very long keys, use '%' sequences that percent-encoding never produces.
     """
     if raw is None:
@@ -879,8 +909,10 @@ def encode_component(raw: bytes | str | None) -> str:
     if not raw:
         return EMPTY_KEY
     encoded = quote(raw, safe=_UNRESERVED)
-    if not encoded.strip("."):
-        encoded = "".join(f"%{ord(c):02X}" for c in encoded)
+    if encoded[0] == ".":
+        # No leading dot, so that even a prefix cut by a format spec ({key:.2} of '..x') is
+        # never '.' or '..'; quote() never writes %2E, so names stay distinct and reversible.
+        encoded = "%2E" + encoded[1:] if encoded.strip(".") else "%2E" * len(encoded)
     if len(encoded) > MAX_COMPONENT:
         data = raw.encode() if isinstance(raw, str) else bytes(raw)
         digest = hashlib.sha256(data).hexdigest()[:32]
@@ -899,6 +931,54 @@ def pfs_path_problem(path: str) -> str | None:
     if any(part in ("", ".", "..") for part in parts):
         return "path has an empty, '.' or '..' component"
     return None
+
+
+# Tokens rendered from text (the rest are integers), and the characters each can start with.
+_TEXT_TOKENS = frozenset(("topic", "key", "key_hash", "date", "hour"))
+_ENCODED_FIRST = frozenset(string.ascii_letters + string.digits + "-_~%")  # encode_component
+_FIRST_CHARS = {"topic": _ENCODED_FIRST, "key": _ENCODED_FIRST,
+                "key_hash": frozenset("0123456789abcdefn"), "date": frozenset(string.digits),
+                "hour": frozenset(string.digits), "partition": frozenset(string.digits),
+                "offset": frozenset(string.digits), "timestamp": frozenset(string.digits + "-")}
+_HEX_FIRST = {"x": frozenset("abcdef"), "X": frozenset("ABCDEF")}
+_FORMAT_SPEC = re.compile(r"(?:(?P<fill>.)?(?P<align>[<>=^]))?(?P<sign>[-+ ])?z?#?(?P<zero>0)?"
+                          r"(?P<width>\d+)?[_,]?(?:\.(?P<precision>\d+))?(?P<type>[a-zA-Z%])?",
+                          re.DOTALL)
+
+
+def spec_problem(field: str, spec: str) -> str | None:
+    """Why a format spec could make a token render a bad path piece, or None.
+
+    Held for every accepted spec, whatever the message: a token renders at least one
+    character that is not '.', and never '/' (its value's characters, a fill, a sign): so
+    every path component holding a token is valid, and one of literal text alone is checked
+    once by rendering it.
+    """
+    match = _FORMAT_SPEC.fullmatch(spec)
+    if match is None:
+        return None  # format() refuses it when the template is tried
+    fill = match["fill"]
+    if fill is not None and (fill == "/" or fill in PFS_FORBIDDEN or not " " <= fill <= "~"):
+        return f"fill {fill!r} in {{{field}:{spec}}} is not allowed in PFS paths"
+    if field in _TEXT_TOKENS and match["precision"] is not None and int(match["precision"]) == 0:
+        return f"{{{field}:{spec}}} renders nothing"
+    if field not in _TEXT_TOKENS and match["type"] == "c":
+        return f"{{{field}:{spec}}} renders a character ('.', '/', ...), not a number"
+    return None
+
+
+def spec_first_chars(field: str, spec: str) -> frozenset:
+    """Every character the token can start with under spec (a superset)."""
+    chars = set(_FIRST_CHARS[field])
+    match = _FORMAT_SPEC.fullmatch(spec or "")
+    if match is None:
+        return chars
+    if match["width"] is not None or match["zero"]:
+        chars |= {match["fill"] or " ", "0"}
+    if match["sign"] in ("+", " "):
+        chars.add(match["sign"])
+    chars |= _HEX_FIRST.get(match["type"], frozenset())
+    return frozenset(chars)
 
 
 class NameTemplate:
@@ -922,6 +1002,9 @@ class NameTemplate:
                 raise ValueError(f"conversion !{conversion} is not supported")
             if "{" in (spec or ""):
                 raise ValueError("nested fields in format specs are not supported")
+            problem = spec_problem(field, spec or "")
+            if problem:
+                raise ValueError(problem)
             used.add(field)
             positional.append("{%d%s}" % (NAME_TOKENS.index(field), f":{spec}" if spec else ""))
         if not used:
@@ -976,9 +1059,42 @@ class NameTemplate:
         return [render(topic, partition, record.offset, record.key, record.timestamp)
                 for record in records]
 
+    def marker_clash(self, marker: str, topic: str | None, suffix: str = "") -> str | None:
+        """Why some name (plus suffix) rendered for topic (None: a topic not known yet) could
+        start with marker, as Pachyderm 1.x compares them; None if none ever can.
+
+        Complete, as tokens never render '/' nor an empty string: literal text and a known
+        topic are compared as they are; at the first other token, its possible first
+        characters decide (a superset, so a clash is never missed).
+        """
+        text, first = "", True
+        for literal, field, spec, _ in self._fields + [(suffix, None, None, None)]:
+            text += literal
+            if first:
+                text = text.lstrip("/")  # Pachyderm cleans the path to one leading '/'
+            shared = min(len(text), len(marker))
+            if text[:shared] != marker[:shared]:
+                return None
+            if len(text) >= len(marker):
+                return (f"names such as {self.render(topic or 't', 0, 0, b'k', 0) + suffix!r} "
+                        f"start with the marker name {marker!r}")
+            if field is None:
+                continue
+            first = False
+            if field == "topic" and topic is not None:
+                text += format(encode_component(topic), spec or "")
+                continue
+            if field == "topic" or marker[len(text)] in spec_first_chars(field, spec):
+                return (f"{{{field}}}{' after ' + repr(text) if text else ''} can render names "
+                        f"that start with the marker name {marker!r}")
+            return None
+        return None
+
     def _offset_format(self, topic: str, partition: int) -> str | None:
         """The template as a %-format of the offset alone, the topic and partition filled in;
         None when the offset's spec is not one that % formats the same way."""
+        if sum(field == "offset" for _, field, _, _ in self._fields) > 1:
+            return None  # one % argument per name
         pieces = []
         values = {"topic": encode_component(topic), "partition": partition}
         for literal, field, spec, _ in self._fields:
@@ -2025,7 +2141,7 @@ FORMATS: dict[str, Callable | None] = {"raw": None, "json": as_json_file,
 
 def dead_letter_files(record, mtime: int) -> list[tuple[str, bytes, int]]:
     """ON_BAD_RECORD=dead-letter: the message's bytes as they came, and why, under _errors/."""
-    name = f"_errors/{record.topic}/{record.partition}/{record.offset:020d}"
+    name = f"_errors/{encode_component(record.topic)}/{record.partition}/{record.offset:020d}"
     problem = record.problem
     sidecar = record_metadata(record)
     sidecar.update(reason=problem.reason, detail=problem.detail, schema_id=problem.schema_id)
@@ -4467,6 +4583,11 @@ class Spout:
 # Kafka or Pachyderm out of reach this long fails /healthz; shorter absences are routine (a
 # 1.8-1.10 reader reopens the pipe for every archive, kafka-python reconnects by itself).
 HEALTH_GRACE_SECONDS = 5.0
+# The metrics server's bounds: a thread per connection, so a cap on connections; a timeout on
+# each socket operation; a cap on a request's line and headers (a GET has no body).
+METRICS_MAX_CONNECTIONS = 32
+METRICS_CONNECTION_SECONDS = 5.0
+METRICS_REQUEST_HEAD_BYTES = 16 * 1024
 # Lag and offsets are refreshed this often, between polls: per partition, not per message.
 METRICS_REFRESH_SECONDS = 0.5
 _FILES_PER_MESSAGE = {"raw": 1, "json": 1, "raw+meta": 2, "jsonl": 1, "parquet": 1}  # 1: unused
@@ -4725,7 +4846,14 @@ class MetricsMonitor(Monitor):
         monitor = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = METRICS_CONNECTION_SECONDS  # an idle client lets go of its thread
+
+            def setup(self):
+                super().setup()
+                self.rfile = _HeadReader(self.rfile, METRICS_REQUEST_HEAD_BYTES)
+
             def do_GET(self):
+                self.server.answering(self.request)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     status, (body, content_type) = 200, monitor.exposition()
@@ -4749,6 +4877,47 @@ class MetricsMonitor(Monitor):
             daemon_threads = True
             address_family = socket.AF_INET6 if ":" in self.config.metrics_address \
                 else socket.AF_INET
+            # socketserver's backlog of 5 drops the SYNs of a burst: a probe's retried 1 s on.
+            request_queue_size = 128
+            lock = threading.Lock()
+            connections: set = set()      # each holds a thread
+            reading: dict = {}            # those still sending their request, oldest first
+
+            def process_request(self, request, client_address):
+                # A thread per connection, so a bounded number: at the cap the oldest client
+                # still sending its request is cut off (a probe sends at once, so it is the
+                # flood that goes), and without one the newcomer is refused.
+                with self.lock:
+                    admit = len(self.connections) < METRICS_MAX_CONNECTIONS
+                    if not admit and self.reading:
+                        oldest = next(iter(self.reading))
+                        del self.reading[oldest]
+                        try:
+                            oldest.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                        # Cut-off ones hold their thread a moment longer: bounded too.
+                        admit = len(self.connections) < 2 * METRICS_MAX_CONNECTIONS
+                    if admit:
+                        self.connections.add(request)
+                        self.reading[request] = True
+                if not admit:
+                    super().shutdown_request(request)
+                    return
+                super().process_request(request, client_address)
+
+            def answering(self, request):
+                with self.lock:
+                    self.reading.pop(request, None)
+
+            def shutdown_request(self, request):
+                with self.lock:
+                    self.connections.discard(request)
+                    self.reading.pop(request, None)
+                super().shutdown_request(request)
+
+            def handle_error(self, request, client_address):
+                log.debug("metrics client %s: %s", client_address, sys.exc_info()[1])
 
         address, port = self.config.metrics_address, self.config.metrics_port
         shown = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -4767,6 +4936,24 @@ class MetricsMonitor(Monitor):
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+class _HeadReader:
+    """The request's line and headers, at most limit bytes in all: http.server reads up to 100
+    header lines of 64 KiB each, 6.5 MB per connection. Past the limit it reads as the end of
+    the headers, and the request is answered or refused as it stands."""
+
+    def __init__(self, stream, limit: int):
+        self.stream, self.left = stream, limit
+
+    def readline(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        line = self.stream.readline(size) if size > 0 else b""
+        self.left -= len(line)
+        return line
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -4834,6 +5021,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"spout.py: error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    defaults = _kafka_option_defaults()
+    ignored = sorted(name for name in environ if name.startswith("KAFKA_") and
+                     is_kubernetes_variable(name, defaults))
+    if ignored:
+        log.debug("not KafkaConsumer options but a Kubernetes Service's: %s", " ".join(ignored))
     stop = threading.Event()
 
     def request_stop(signum, _frame):

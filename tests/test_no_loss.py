@@ -78,3 +78,37 @@ def test_a_broker_that_does_not_answer_the_committed_offset_leaves_the_loop_free
     finally:
         tansu.resume()
         tansu.stop()
+
+
+def test_a_deleted_topic_leaves_the_record_and_the_group_commits_of_the_others(
+        broker, pachd, tmp_path, spouts):
+    """A topic deleted under TOPIC_PATTERN: a commit naming its partition failed for every
+    partition, freezing the group's offsets, and its position stayed in every record."""
+    from kafka import KafkaAdminClient
+    prefix = create_topic(broker, 1)
+    doomed = create_topic(broker, 1, name=f"{prefix}-doomed")
+    produce(broker, prefix, [(0, None, b"a%d" % i) for i in range(3)])
+    produce(broker, doomed, [(0, None, b"d%d" % i) for i in range(2)])
+    env = pfs_env(broker, prefix, pachd, tmp_path, TOPIC_PATTERN=f"{prefix}(-.*)?",
+                  KAFKA_METADATA_MAX_AGE_MS=500)
+    del env["TOPIC"]
+    process = spouts(env)
+
+    def recorded():
+        commits = spout_commits(pachd)
+        return spout.record_from_description(commits[-1].description)[1] if commits else {}
+    wait_until(lambda: recorded() == {(prefix, 0): 3, (doomed, 0): 2} or
+               process.process.poll() is not None, 60, "both topics delivered")
+    wait_until(lambda: committed_offsets(broker, f"g-{prefix}", prefix, 1) == {0: 3}, 30,
+               "the group's offset of the first topic")
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+    try:
+        admin.delete_topics([doomed])
+    finally:
+        admin.close()
+    produce(broker, prefix, [(0, None, b"a%d" % i) for i in range(3, 6)])
+    wait_until(lambda: recorded() == {(prefix, 0): 6}, 60, "a record without the deleted topic")
+    wait_until(lambda: committed_offsets(broker, f"g-{prefix}", prefix, 1) == {0: 6}, 30,
+               "the group's offset to move on")
+    process.signal(signal.SIGTERM)
+    assert process.wait(15) == 0, process.log

@@ -3423,6 +3423,63 @@ class Stats:
                 "rate_megabytes_per_second": round(self.bytes / elapsed / 1e6, 2)}
 
 
+# --------------------------------------------------------------------------- kafka-python fixes
+
+# The kafka-python whose internals the fix below replaces (requirements.txt pins it). Under
+# any other version it is skipped with a warning (see tests/test_hostile_records.py).
+PATCHED_KAFKA_PYTHON = "3.0.12"
+
+
+def _source_has(function, *lines: str) -> bool:
+    import inspect
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return all(line in source for line in lines)
+
+
+def patch_kafka_python() -> None:
+    """A fix of kafka-python 3.0.12, applied once, before the first consumer: any record that
+    cannot be read hung poll() at 100% CPU, deaf to SIGTERM (kafka/consumer/fetcher.py): the
+    PartitionRecords whose generator raised stays undrained, its take() then returns []
+    forever, and Fetcher.fetched_records loops while records_remaining > 0. It is now drained
+    once its error is raised, as the Java consumer does: the partition is fetched again at
+    the same offset, and poll() raises again, each time, until someone seeks past it.
+    Upstream-compatible: nothing else changes.
+    """
+    import kafka
+    from kafka.consumer.fetcher import Fetcher
+    from kafka.errors import KafkaError
+    if getattr(Fetcher, "_spout_patched", False):
+        return
+    Fetcher._spout_patched = True
+    if kafka.__version__ != PATCHED_KAFKA_PYTHON:
+        log.warning("kafka-python %s, not %s: its fix for unreadable records hanging "
+                    "poll() is not applied",
+                    kafka.__version__, PATCHED_KAFKA_PYTHON)
+        return
+    partition_records = Fetcher.PartitionRecords
+    take = partition_records.take
+    if _source_has(take, "self._next_inline_exception = e") and \
+            _source_has(partition_records.drain, "self.record_iterator = None"):
+        def take_or_drain(self, n=None):
+            try:
+                return take(self, n)
+            except Exception as error:
+                self.drain()
+                if isinstance(error, KafkaError):  # say which record: none of its errors do
+                    tp = self.topic_partition
+                    detail = error.args[0] if error.args else type(error).__name__
+                    raise type(error)(f"{tp.topic}/{tp.partition} at offset "
+                                      f"{self.next_fetch_offset}: {detail}") from error
+                raise
+        partition_records.take = take_or_drain
+    else:
+        log.warning("kafka-python's Fetcher.PartitionRecords is not 3.0.12's: a record that "
+                    "cannot be read may hang poll()")
+
+
 STATS_INTERVAL = 30.0
 # SIGTERM to exit within 10 s: a poll (0.5 s) + a commit in progress (2 s) + this + close (1 s).
 SHUTDOWN_BUDGET = 6.0
@@ -3578,6 +3635,7 @@ class Spout:
         """Creates the consumer, retrying with back-off while the broker is unreachable."""
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError, SaslAuthenticationFailedError
+        patch_kafka_python()
         delay = 1.0
         while not self.stop.is_set():
             self.refused_in_authentication = False

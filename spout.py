@@ -2111,12 +2111,19 @@ def json_bytes(data: bytes | None) -> str | dict | None:
         return {"base64": base64.b64encode(data).decode("ascii")}
 
 
+def header_name(name: str | bytes):
+    """A header key for a JSON document: the text it is, or, not being UTF-8 (HeaderKeyBytes),
+    {"base64": "..."} as any bytes that are not UTF-8."""
+    return name if isinstance(name, str) else json_bytes(name)
+
+
 def record_metadata(record) -> dict:
     return {"topic": record.topic, "partition": record.partition, "offset": record.offset,
             "timestamp": record.timestamp,
             "timestamp_type": TIMESTAMP_TYPES.get(record.timestamp_type),
             "key": json_bytes(record.key),
-            "headers": [[name, json_bytes(value)] for name, value in record.headers or ()]}
+            "headers": [[header_name(name), json_bytes(value)]
+                        for name, value in record.headers or ()]}
 
 
 def as_json_file(name: str, record, mtime: int) -> list[tuple[str, bytes, int]]:
@@ -2228,7 +2235,8 @@ def json_lines(records: Iterable) -> str:
                    head, record.offset,
                    "null" if record.timestamp is None else "%d" % record.timestamp,
                    types.get(record.timestamp_type, "null"), text(record.key),
-                   ", ".join("[%s, %s]" % (_json_string(name), text(value))
+                   ", ".join("[%s, %s]" % (_json_string(name) if isinstance(name, str)
+                                           else text(name), text(value))
                              for name, value in headers) if headers else "",
                    text(record.value)))
     return "".join(lines)
@@ -2285,7 +2293,9 @@ class ParquetWriter:
         ends, keys, values = [0], [], []
         for record in records:
             for name, value in record.headers or ():
-                keys.append(name)
+                # A string column: a key that is not UTF-8 goes in as the JSON text that
+                # FORMAT=json gives it, {"base64": "..."} (README).
+                keys.append(name if isinstance(name, str) else _json_bytes_text(name))
                 values.append(value)
             ends.append(len(keys))
         entries = pa.StructArray.from_arrays(
@@ -3837,6 +3847,149 @@ class Stats:
                 "rate_megabytes_per_second": round(self.bytes / elapsed / 1e6, 2)}
 
 
+# --------------------------------------------------------------------------- kafka-python fixes
+
+# The kafka-python whose internals the two fixes below replace (requirements.txt pins it).
+# Under any other version they are skipped with a warning: a record with a header key that is
+# not UTF-8 may then stall its partition again (see tests/test_hostile_records.py).
+PATCHED_KAFKA_PYTHON = "3.0.12"
+
+
+class HeaderKeyBytes(bytes):
+    """A record header key that is not UTF-8, kept as its bytes. Kafka's protocol says header
+    keys are UTF-8 strings, but no broker checks (Java clients decode them with U+FFFD, losing
+    the bytes). kafka-python's fetcher sizes every key with .encode("utf-8"): this answers."""
+
+    __slots__ = ()
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return bytes(self)
+
+
+def _read_record_keeping_header_keys(batch, decode_varint):
+    """kafka-python 3.0.12's DefaultRecordBatch._read_msg (kafka/record/default_records.py),
+    line for line, but for a header key that is not UTF-8: kept as HeaderKeyBytes where the
+    original raises UnicodeDecodeError. Only records the original refused come here."""
+    from kafka.errors import CorruptRecordError
+    from kafka.record.default_records import ControlRecord, DefaultRecord
+    buffer = batch._buffer
+    pos = batch._pos
+    length, pos = decode_varint(buffer, pos)
+    start_pos = pos
+    _, pos = decode_varint(buffer, pos)
+    ts_delta, pos = decode_varint(buffer, pos)
+    if batch.timestamp_type == batch.LOG_APPEND_TIME:
+        timestamp = batch.max_timestamp
+    else:
+        timestamp = batch.first_timestamp + ts_delta
+    offset_delta, pos = decode_varint(buffer, pos)
+    offset = batch.base_offset + offset_delta
+    fields = []
+    for _field in ("key", "value"):
+        size, pos = decode_varint(buffer, pos)
+        fields.append(bytes(buffer[pos: pos + size]) if size >= 0 else None)
+        pos += max(size, 0)
+    key, value = fields
+    header_count, pos = decode_varint(buffer, pos)
+    if header_count < 0:
+        raise CorruptRecordError(f"Found invalid number of record headers {header_count}")
+    headers = []
+    for _header in range(header_count):
+        h_key_len, pos = decode_varint(buffer, pos)
+        if h_key_len < 0:
+            raise CorruptRecordError(f"Invalid negative header key size {h_key_len}")
+        raw = bytes(buffer[pos: pos + h_key_len])
+        pos += h_key_len
+        try:
+            h_key = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            h_key = HeaderKeyBytes(raw)
+        h_value_len, pos = decode_varint(buffer, pos)
+        if h_value_len >= 0:
+            h_value = bytes(buffer[pos: pos + h_value_len])
+            pos += h_value_len
+        else:
+            h_value = None
+        headers.append((h_key, h_value))
+    if pos - start_pos != length:
+        raise CorruptRecordError(
+            f"Invalid record size: expected to read {length} bytes in record payload, but "
+            f"instead read {pos - start_pos}")
+    batch._pos = pos
+    record_class = ControlRecord if batch.is_control_batch else DefaultRecord
+    return record_class(length, offset, timestamp, batch.timestamp_type, key, value, headers)
+
+
+def _source_has(function, *lines: str) -> bool:
+    import inspect
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return all(line in source for line in lines)
+
+
+def patch_kafka_python() -> None:
+    """Two fixes of kafka-python 3.0.12, applied once, before the first consumer:
+
+    1. A header key that is not UTF-8 (kafka/record/default_records.py,
+       DefaultRecordBatch._read_msg decodes it strictly) made the record unreadable: its
+       UnicodeDecodeError became a CorruptRecordError. Such a record now reads, the key kept
+       as HeaderKeyBytes (README, "Formats").
+    2. Any record that cannot be read hung poll() at 100% CPU, deaf to SIGTERM
+       (kafka/consumer/fetcher.py): the PartitionRecords whose generator raised stays
+       undrained, its take() then returns [] forever, and Fetcher.fetched_records loops while
+       records_remaining > 0. It is now drained once its error is raised, as the Java consumer
+       does: the partition is fetched again at the same offset, and poll() raises again, each
+       time, until someone seeks past it. Upstream-compatible: nothing else changes.
+    """
+    import kafka
+    from kafka.consumer.fetcher import Fetcher
+    from kafka.errors import KafkaError
+    from kafka.record.default_records import DefaultRecordBatch
+    if getattr(Fetcher, "_spout_patched", False):
+        return
+    Fetcher._spout_patched = True
+    if kafka.__version__ != PATCHED_KAFKA_PYTHON:
+        log.warning("kafka-python %s, not %s: its fixes for header keys that are not UTF-8 "
+                    "and for unreadable records hanging poll() are not applied",
+                    kafka.__version__, PATCHED_KAFKA_PYTHON)
+        return
+    read_msg = DefaultRecordBatch._read_msg
+    if _source_has(read_msg, 'h_key = buffer[pos: pos + h_key_len].decode("utf-8")',
+                   "self._pos = pos"):
+        from kafka.record.util import decode_varint
+
+        def _read_msg(self, *args, **kwargs):
+            try:
+                return read_msg(self, *args, **kwargs)
+            except UnicodeDecodeError:  # self._pos moves only after a whole record
+                return _read_record_keeping_header_keys(self, decode_varint)
+        DefaultRecordBatch._read_msg = _read_msg
+    else:
+        log.warning("kafka-python's DefaultRecordBatch._read_msg is not 3.0.12's: header "
+                    "keys that are not UTF-8 stay unreadable")
+    partition_records = Fetcher.PartitionRecords
+    take = partition_records.take
+    if _source_has(take, "self._next_inline_exception = e") and \
+            _source_has(partition_records.drain, "self.record_iterator = None"):
+        def take_or_drain(self, n=None):
+            try:
+                return take(self, n)
+            except Exception as error:
+                self.drain()
+                if isinstance(error, KafkaError):  # say which record: none of its errors do
+                    tp = self.topic_partition
+                    detail = error.args[0] if error.args else type(error).__name__
+                    raise type(error)(f"{tp.topic}/{tp.partition} at offset "
+                                      f"{self.next_fetch_offset}: {detail}") from error
+                raise
+        partition_records.take = take_or_drain
+    else:
+        log.warning("kafka-python's Fetcher.PartitionRecords is not 3.0.12's: a record that "
+                    "cannot be read may hang poll()")
+
+
 STATS_INTERVAL = 30.0
 # SIGTERM to exit within 10 s: a poll (0.5 s) + a commit in progress (2 s) + this + close (1 s).
 SHUTDOWN_BUDGET = 6.0
@@ -4219,6 +4372,7 @@ class Spout:
         """Creates the consumer, retrying with back-off while the broker is unreachable."""
         from kafka import KafkaConsumer
         from kafka.errors import KafkaError, SaslAuthenticationFailedError
+        patch_kafka_python()
         backoff = Backoff(self.stop, 1.0, CONNECT_BACKOFF_MAX)
         while True:
             self.refused_in_authentication = False

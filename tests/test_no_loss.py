@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import (PACH_REPO, Tansu, committed_offsets, create_topic, free_port, pfs_env,
+from conftest import (Tansu, committed_offsets, create_topic, free_port, pfs_env,
                       produce, spout_commits, spout_env, wait_until)
 
 import spout

@@ -13,24 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import create_topic, produce, spout_env, wait_until
 from pfs_reader import PfsReader, StreamReader, clean_path, iter_archive
+from test_delivery import archive, raw, read_exactly
 
 import spout
-
-def archive(tag: str, size: int) -> spout.Archive:
-    return spout.encode_archive([(f"{tag}/data", tag.encode() * size, 0)])
-
-
-def raw(archive_: spout.Archive) -> bytes:
-    return b"".join(bytes(part) for part in archive_.parts)
-
-
-def read_exactly(fd: int, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = os.read(fd, size - len(data))
-        assert chunk, "writer closed early"
-        data += chunk
-    return data
 
 
 def in_thread(function, *args):

@@ -4660,7 +4660,8 @@ class Spout:
             "metadata_max_age_ms", 300_000) / 1000)
         next_partition_check = time.monotonic() + partition_check_interval
         next_health_check = time.monotonic() + HEALTH_CHECK_INTERVAL
-        from kafka.errors import KafkaError
+        from kafka.errors import CorruptRecordError, KafkaError
+        next_unreadable_warning = 0.0
         try:
             while not self.stop.is_set():
                 timeout = min(max(self.batch_due_in(), 0.0), 0.5)
@@ -4675,6 +4676,16 @@ class Spout:
                         self.stop.wait(min(partition_check_interval, 5.0))
                         continue
                     records = self.consumer.poll(timeout_ms=int(timeout * 1000))
+                except CorruptRecordError as error:
+                    # A record kafka-python cannot read: its partition waits there (fetched
+                    # and raised again each poll), the others go on. Kafka answers: no outage.
+                    if time.monotonic() >= next_unreadable_warning:
+                        next_unreadable_warning = time.monotonic() + STATS_INTERVAL
+                        log.warning("cannot read a record from %s (%s: %s); its partition "
+                                    "waits there, the others go on",
+                                    self.config.broker_address, type(error).__name__, error)
+                    records = None
+                    self.stop.wait(0.1)
                 except KafkaError as error:
                     log.warning("polling %s failed (%s: %s); retrying",
                                 self.config.broker_address, type(error).__name__, error)

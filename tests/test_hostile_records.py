@@ -147,6 +147,9 @@ def test_unreadable_record_leaves_the_spout_stoppable(broker, topic, fifo, spout
     assert sorted(files.values()) == [b"after", b"before", b"elsewhere"]
     # Not skipped: the partition waits at the record, naming it, as the Java consumer does.
     assert f"CorruptRecordError: {topic}/0 at offset 1: Invalid record size" in process.log
+    # Kafka answers all along: no outage reported, and one warning, not one per poll.
+    assert "polling" not in process.log and "lost contact" not in process.log
+    assert process.log.count("cannot read a record") == 1, process.log
 
 
 def test_the_patched_parser_keeps_keys_that_are_not_utf8_as_bytes():

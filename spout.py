@@ -1833,7 +1833,7 @@ class Decoding:
                 append(self._decode_record(record))
             decoded[tp] = out
         if self.columns is not None:
-            self.columns.check(decoded, self._bad)
+            self.columns.check(decoded, self.bad)
         return decoded
 
     def _decode_record(self, record) -> DecodedRecord:
@@ -1869,12 +1869,13 @@ class Decoding:
             if part == "key":
                 problem = BadRecord(f"key-{problem.reason}", f"key: {problem.detail}",
                                     problem.schema_id)
-            return self._bad(record, problem)
+            return self.bad(record, problem)
         return DecodedRecord(record.topic, record.partition, record.offset, record.timestamp,
                              record.timestamp_type, key, value, record.headers, document,
                              schema_id, key_document, key_schema_id)
 
-    def _bad(self, record, problem: BadRecord) -> DecodedRecord:
+    def bad(self, record, problem: BadRecord) -> DecodedRecord:
+        """The record set aside, as ON_BAD_RECORD says (fail: BadRecordFailure)."""
         where = f"{record.topic}/{record.partition} offset {record.offset}"
         if self.config.on_bad_record == "fail":
             raise BadRecordFailure(f"{where}: {problem} (ON_BAD_RECORD=fail: nothing from "
@@ -3701,11 +3702,13 @@ class Segments(Batcher):
     no file mixes two hours (Kafka Connect's TimeBasedPartitioner)."""
 
     def __init__(self, config: Config, stats: Stats, ship: Callable[[], None],
-                 schemas: SchemaCache | None = None):
+                 decoding: Decoding | None = None):
         super().__init__(config, stats, ship)
-        self.writer = DecodedParquetWriter(config, schemas) \
+        self.writer = DecodedParquetWriter(config, decoding and decoding.schemas) \
             if config.decode and config.format == "parquet" \
             else SEGMENT_WRITERS[config.format](config)
+        self.decoding = decoding
+        self.format = config.format
         self.rows: dict = {}   # TopicPartition -> the open batch's records to write
         # DECODE: bad records are no rows; ON_BAD_RECORD=dead-letter gives them files of
         # their own under _errors/, in the same batch.
@@ -3734,16 +3737,15 @@ class Segments(Batcher):
             if not self.keep_tombstones:
                 piece = ()
         if self.decoded and any(record.problem is not None for record in piece):
-            piece = self._set_aside(tp, piece)
+            piece = self._set_aside(self.batch, tp, piece)
         rows = self.rows.get(tp)
         if rows is None:
             rows = self.rows[tp] = []
         rows.extend(piece)
         self.ship_if_full()
 
-    def _set_aside(self, tp, piece: Sequence) -> list:
+    def _set_aside(self, batch: Batch, tp, piece: Sequence) -> list:
         """The piece's good records; its bad ones' dead letters (if any) join the batch."""
-        batch = self.batch
         good = []
         for record in piece:
             if record.problem is None:
@@ -3760,11 +3762,13 @@ class Segments(Batcher):
         batch = super().take()
         rows, self.rows = self.rows, {}
         written: dict = {}
-        render, encode = self.names.render, self.writer.encode
+        render = self.names.render
         for tp in list(rows):
             for segment in self.segments(rows.pop(tp)):
+                data, segment = self.encode(tp, segment, batch)
+                if not segment:
+                    continue
                 first = segment[0]
-                data = encode(segment)
                 batch.members.append((render(tp.topic, tp.partition, first.offset, None,
                                              first.timestamp),
                                       data, max(first.timestamp, 0) // 1000))
@@ -3773,6 +3777,29 @@ class Segments(Batcher):
         batch.data_bytes = sum(len(member[1]) for member in batch.members)
         batch.written = written
         return batch
+
+    def encode(self, tp, segment: list, batch: Batch) -> tuple[bytes, list]:
+        """The segment's file, and the records in it. With DECODE, records the writer
+        cannot take, whatever the reason, are found one by one and set aside as bad records
+        (ON_BAD_RECORD), so that one of them never stops the spout."""
+        try:
+            return self.writer.encode(segment), segment
+        except Exception as error:
+            if self.decoding is None:
+                raise
+            failure = error
+        good = []
+        for record in segment:
+            try:
+                self.writer.encode([record])
+                good.append(record)
+            except Exception as error:
+                problem = BadRecord("unwritable", f"FORMAT={self.format} cannot hold it "
+                                    f"({type(error).__name__}: {error})", record.schema_id)
+                self._set_aside(batch, tp, [self.decoding.bad(record, problem)])
+        if len(good) == len(segment):
+            raise failure   # no one record is the cause
+        return (self.writer.encode(good) if good else b""), good
 
     def segments(self, records: list) -> Iterable[list]:
         """A partition's records in files: all in one, or one per hour of their timestamps,
@@ -3819,9 +3846,9 @@ def schema_runs(records: list, schema_key: Callable) -> list[list]:
 
 
 def make_batcher(config: Config, stats: Stats, ship: Callable[[], None],
-                 schemas: SchemaCache | None = None) -> Batcher:
+                 decoding: Decoding | None = None) -> Batcher:
     if config.format in SEGMENT_FORMATS:
-        return Segments(config, stats, ship, schemas)
+        return Segments(config, stats, ship, decoding)
     return MessageFiles(config, stats, ship)
 
 
@@ -4255,8 +4282,7 @@ class Spout:
         # files from what it made of them.
         self.decoding = Decoding(config, stop) if config.decode else None
         self.stats = Stats()
-        self.batcher = make_batcher(config, self.stats, self.flush,
-                                    self.decoding.schemas if self.decoding else None)
+        self.batcher = make_batcher(config, self.stats, self.flush, self.decoding)
         self.next_commit = 0.0
         self.connected = True
         self.consumer = None

@@ -450,3 +450,30 @@ def test_a_password_with_an_at_sign_is_not_shown_in_the_start_up_log_or_errors(b
     result = run_spout({**base, "DECODE": "value",
                         "SCHEMA_REGISTRY_URL": "https://u:pa@ss@registry:99999"})
     assert result.returncode == 2 and "ss@" not in result.stderr, result.stderr
+
+
+def test_a_record_the_segment_writer_refuses_is_set_aside_not_a_crash(base):
+    """Whatever the checks at decoding miss, a record pyarrow refuses when the segment is
+    written is a bad record of its own, its neighbours written: here an int beyond int32,
+    decoded without the Parquet check (as for jsonl), then written as Parquet."""
+    import pyarrow.parquet as pq
+    from kafka import TopicPartition
+    schemas = {5: ("AVRO", json.dumps(ORDER))}
+    good = framed(5, avro(ORDER, {"qty": 2, "price": spout.decimal.Decimal("12.50")}))
+    too_big = framed(5, spout._varint(2**40) + good[6:])
+    records = decode(decoding(base, schemas, FORMAT="jsonl"), good, too_big, good)
+    assert [record.problem for record in records] == [None] * 3
+    parquet = decoding(base, schemas, FORMAT="parquet")
+    parquet.schemas.writer_schema(5)
+    segments = spout.Segments(parquet.config, spout.Stats(), lambda: None, parquet)
+    tp = TopicPartition("t", 0)
+    segments.add({tp: records})
+    batch = segments.take()
+    files = {name: data for name, data, _ in batch.members}
+    segment = [name for name in files if name.endswith(".parquet")]
+    assert segment == ["t/0/00000000000000000000.parquet"], sorted(files)
+    assert pq.read_table(io.BytesIO(files[segment[0]])).column("offset").to_pylist() == [0, 2]
+    assert sorted(name for name in files if name.startswith("_errors/")) == [
+        "_errors/t/0/00000000000000000001", "_errors/t/0/00000000000000000001.json"]
+    assert batch.records == 3 and batch.written == {"t": 2}
+    assert parquet.bad_records == {("t", "unwritable"): 1}

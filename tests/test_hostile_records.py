@@ -13,7 +13,7 @@ import signal
 import struct
 
 import pytest
-from conftest import spout_env, wait_until
+from conftest import REFERENCE_BROKER, spout_env, wait_until
 
 BAD_KEY = b"\xff\xfe-not-utf8"
 BAD_KEY_JSON = {"base64": base64.b64encode(BAD_KEY).decode("ascii")}
@@ -135,6 +135,9 @@ def corrupt_record_lengths():
 
 
 def test_unreadable_record_leaves_the_spout_stoppable(broker, topic, fifo, spouts, readers):
+    if REFERENCE_BROKER:
+        pytest.skip("Apache Kafka refuses such a record when it is produced "
+                    "(InvalidRecordError); Tansu stores it as it comes")
     send_one_by_one(broker, topic, [(0, b"before", []), (1, b"elsewhere", [])])
     with corrupt_record_lengths():
         send_one_by_one(broker, topic, [(0, b"unreadable", [])])

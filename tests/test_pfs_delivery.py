@@ -170,8 +170,9 @@ def test_chaos_sigkill_every_message_in_exactly_one_commit(broker, pachd, tmp_pa
             pachd.delay_finish_reply(0)
         kills.append(moment)
     final = spouts(env)
-    wait_until(lambda: delivered() >= len(expected) or final.process.poll(),
-               120, "every message", interval=0.2)
+    # Started too (its handlers set): the killed ones may have delivered everything already.
+    wait_until(lambda: (delivered() >= len(expected) and "starting:" in final.log) or
+               final.process.poll(), 120, "every message", interval=0.2)
     final.signal(signal.SIGTERM)
     assert final.wait(10) == 0, final.log
     files = head_files(pachd) if format == "raw" else dict(held_rows(pachd))

@@ -260,6 +260,81 @@ class RepoBranch(NamedTuple):
         return f"{self.project}/{self.repo}@{self.branch}"
 
 
+class ReadBound(NamedTuple):
+    """START_AT or STOP_AT: earliest, latest or end; a time (ms since the epoch), taken
+    through the broker's offsets-for-times; or explicit offsets by (topic, partition)."""
+    kind: str                        # earliest | latest | end | time | offsets
+    time_ms: int | None = None
+    offsets: Mapping | None = None   # (topic, partition) -> offset
+
+    def __str__(self) -> str:
+        if self.kind == "time":
+            return datetime.datetime.fromtimestamp(self.time_ms / 1000, datetime.timezone.utc
+                                                   ).isoformat().replace("+00:00", "Z")
+        if self.kind == "offsets":
+            return ",".join(f"{topic}/{partition}={offset}"
+                            for (topic, partition), offset in sorted(self.offsets.items()))
+        return self.kind
+
+
+def parse_read_bound(*words: str) -> Callable[[str], ReadBound]:
+    """One of `words`, an ISO-8601 time with its zone, or topic/partition=offset,..."""
+    def parse(text: str) -> ReadBound:
+        text = text.strip()
+        if text.lower() in words:
+            return ReadBound(text.lower())
+        if "=" in text:
+            offsets: dict = {}
+            for item in filter(None, (part.strip() for part in text.split(","))):
+                where, _, offset = item.partition("=")
+                topic, slash, partition = where.strip().rpartition("/")
+                if not slash or not topic or not partition.strip().isdigit() or \
+                        not offset.strip().isdigit():
+                    raise ValueError(f"{item!r} is not topic/partition=offset")
+                key = (topic, int(partition))
+                if key in offsets:
+                    raise ValueError(f"{topic}/{int(partition)} is named twice")
+                offsets[key] = int(offset)
+            if not offsets:
+                raise ValueError(f"{text!r} names no partition")
+            return ReadBound("offsets", offsets=MappingProxyType(offsets))
+        try:
+            moment = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not {', '.join(words)}, an ISO-8601 time or "
+                             "topic/partition=offset,...") from None
+        if moment.tzinfo is None:
+            raise ValueError(f"{text!r} has no time zone: add Z (UTC) or an offset such as "
+                             "+02:00")
+        return ReadBound("time", time_ms=int(moment.timestamp() * 1000))
+    return parse
+
+
+def check_read_bounds(values: dict, sources: Mapping[str, str], defaulted: set) -> None:
+    """START_AT against AUTO_OFFSET_RESET, STOP_AT against the mode and START_AT."""
+    start, stop = values.get("start_at"), values.get("stop_at")
+    if start is not None and start.kind in ("earliest", "latest"):
+        if "auto_offset_reset" not in defaulted and values["auto_offset_reset"] != start.kind:
+            raise ConfigError(sources["start_at"], f"{start.kind} disagrees with "
+                              f"{sources['auto_offset_reset']}={values['auto_offset_reset']} "
+                              "(the same setting under Kafka's name): set one")
+        values["auto_offset_reset"] = start.kind
+    if stop is None:
+        return
+    if values["mode"] != "exactly-once":
+        raise ConfigError(sources["stop_at"], "a bounded read needs MODE=exactly-once: in "
+                          "group mode no spout knows when every partition is done")
+    if start is None or start.kind != stop.kind:
+        return
+    if start.kind == "time" and stop.time_ms < start.time_ms:
+        raise ConfigError(sources["stop_at"], f"{stop} is before {sources['start_at']}={start}")
+    if start.kind == "offsets":
+        for key, offset in stop.offsets.items():
+            if key in start.offsets and offset < start.offsets[key]:
+                raise ConfigError(sources["stop_at"], f"{key[0]}/{key[1]}={offset} is before "
+                                  f"{sources['start_at']}'s {start.offsets[key]}")
+
+
 def parse_output_repo(text: str) -> RepoBranch:
     match = _OUTPUT_REPO_RE.fullmatch(text.strip())
     if not match:
@@ -328,6 +403,15 @@ SETTINGS: tuple[Setting, ...] = (
             "consumer group (default: $PPS_PIPELINE_NAME, else kafka-spout)"),
     Setting("AUTO_OFFSET_RESET", "auto_offset_reset", parse_choice("earliest", "latest"),
             "earliest", "where partitions without a committed offset start"),
+    Setting("START_AT", "start_at", parse_read_bound("earliest", "latest"), None,
+            "where a partition with no record (group mode: and no committed offset) starts: "
+            "earliest, latest, an ISO-8601 time with its zone (the first offset at or after "
+            "it), or topic/partition=offset,..."),
+    Setting("STOP_AT", "stop_at", parse_read_bound("end"), None,
+            "a bounded read: end (each partition's end as the read began), an ISO-8601 time "
+            "with its zone (messages at or after it are not taken), or "
+            "topic/partition=offset,... for every partition; once all are delivered the "
+            "spout closes the range and exits 0 (in a pipeline: idles)"),
     Setting("BATCH_MAX_MESSAGES", "batch_max_messages", parse_positive_int, "1000",
             "close a batch (one archive or commit) at this many messages (jsonl and parquet: "
             "100000)"),
@@ -451,6 +535,9 @@ class Config:
     mode: str = "group"
     group_id: str = "kafka-spout"
     auto_offset_reset: str = "earliest"
+    start_at: ReadBound | None = None
+    stop_at: ReadBound | None = None
+    in_pipeline: bool = False   # PPS_PIPELINE_NAME is set: Pachyderm restarts a spout that exits
     batch_max_messages: int = 1000
     batch_max_bytes: int = 16 * 1024 * 1024
     batch_max_seconds: float = 1.0
@@ -533,6 +620,8 @@ class Config:
             values.pop(field, None)
         values.update(pachd)
         values["mode"] = choose_mode(values, sources)
+        check_read_bounds(values, sources, defaulted)
+        values["in_pipeline"] = bool(environ.get("PPS_PIPELINE_NAME"))
         values["kafka_options"] = MappingProxyType(
             collect_kafka_options(environ, args.kafka or ()))
         config = cls(**values)
@@ -573,6 +662,8 @@ class Config:
         for name in ("pach_token", "pach_root_certs"):
             fields[name] = "***" if fields[name] else None
         fields["output_repo"] = str(self.output_repo) if self.output_repo else None
+        for name in ("start_at", "stop_at"):
+            fields[name] = None if fields[name] is None else str(fields[name])
         for name in ("schema_registry_user_info", "schema_registry_bearer_token"):
             fields[name] = "***" if fields[name] else None
         fields["schema_registry_url"] = tuple(map(mask_url, self.schema_registry_url))
@@ -1996,32 +2087,61 @@ class MarkerError(Exception):
     """The marker Pachyderm kept cannot be read; str() names the file."""
 
 
-def encode_marker(topics: Iterable[str], positions: Mapping[tuple, int]) -> bytes:
-    """The next offset of every partition, by topic, with the topic set it was written for."""
+class Record(tuple):
+    """What a marker or commit description says: (topics, positions), as callers unpack it,
+    and for a bounded read (STOP_AT) its stop offsets and whether it closed the range."""
+
+    def __new__(cls, topics: list, positions: dict, stops: dict | None = None,
+                closed: bool = False):
+        record = super().__new__(cls, (topics, positions))
+        record.stops, record.closed = stops, closed
+        return record
+
+
+def _offsets_by_topic(positions: Mapping[tuple, int]) -> dict[str, dict[str, int]]:
     offsets: dict[str, dict[str, int]] = {}
     for (topic, partition), offset in sorted(positions.items()):
         offsets.setdefault(topic, {})[str(partition)] = offset
-    return json.dumps({"format": MARKER_FORMAT, "topics": sorted(topics), "offsets": offsets},
-                      sort_keys=True, separators=(",", ":")).encode()
+    return offsets
 
 
-def decode_marker(data: bytes) -> tuple[list[str], dict[tuple[str, int], int]]:
+def _offsets_by_partition(document: Mapping) -> dict[tuple[str, int], int]:
+    positions = {}
+    for topic, partitions in document.items():
+        for partition, offset in partitions.items():
+            if not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"offset {offset!r} of {topic}/{partition}")
+            positions[(topic, int(partition))] = offset
+    return positions
+
+
+def encode_marker(topics: Iterable[str], positions: Mapping[tuple, int],
+                  stops: Mapping[tuple, int] | None = None, closed: bool = False) -> bytes:
+    """The next offset of every partition, by topic, with the topic set it was written for;
+    in a bounded read, its stops too, and once every partition reached them, closed."""
+    document: dict = {"format": MARKER_FORMAT, "topics": sorted(topics),
+                      "offsets": _offsets_by_topic(positions)}
+    if stops is not None:
+        document["stops"] = _offsets_by_topic(stops)
+    if closed:
+        document["closed"] = True
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_marker(data: bytes) -> Record:
     try:
         document = json.loads(data)
         if document.get("format") != MARKER_FORMAT:
             raise ValueError(f"format is {document.get('format')!r}, not {MARKER_FORMAT!r}")
-        positions = {}
-        for topic, partitions in document["offsets"].items():
-            for partition, offset in partitions.items():
-                if not isinstance(offset, int) or offset < 0:
-                    raise ValueError(f"offset {offset!r} of {topic}/{partition}")
-                positions[(topic, int(partition))] = offset
-        return list(document["topics"]), positions
+        stops = document.get("stops")
+        return Record(list(document["topics"]), _offsets_by_partition(document["offsets"]),
+                      None if stops is None else _offsets_by_partition(stops),
+                      document.get("closed") is True)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"not a kafka-spout marker ({type(error).__name__}: {error})") from None
 
 
-def read_marker(path: str) -> tuple[list[str], dict[tuple[str, int], int]] | None:
+def read_marker(path: str) -> Record | None:
     """The marker Pachyderm exposes beside the pipe; None when there is none yet."""
     try:
         with open(path, "rb") as marker:
@@ -2042,7 +2162,8 @@ RECORD_PREFIX = "record: "
 
 
 def describe_commit(ranges: Mapping[tuple, tuple[int, int]], messages: int,
-                    topics: Iterable[str], positions: Mapping[tuple, int]) -> str:
+                    topics: Iterable[str], positions: Mapping[tuple, int],
+                    stops: Mapping[tuple, int] | None = None, closed: bool = False) -> str:
     """A 2.x commit's description: what it holds for a person (pachctl list commit shows the
     first line), then where every partition resumes after it, for the spout itself.
 
@@ -2052,12 +2173,14 @@ def describe_commit(ranges: Mapping[tuple, tuple[int, int]], messages: int,
                      for (topic, partition), (first, end) in sorted(ranges.items()))
     resume = " ".join(f"{topic}/{partition}={offset}"
                       for (topic, partition), offset in sorted(positions.items()))
-    return (f"{DESCRIPTION_TITLE}{messages} message(s) from {held}\n"
+    title = f"{messages} message(s) from {held}" if not closed else \
+        "range closed: every partition reached STOP_AT"
+    return (f"{DESCRIPTION_TITLE}{title}\n"
             f"next offsets: {resume}\n"
-            f"{RECORD_PREFIX}{encode_marker(topics, positions).decode()}")
+            f"{RECORD_PREFIX}{encode_marker(topics, positions, stops, closed).decode()}")
 
 
-def record_from_description(description: str) -> tuple[list[str], dict] | None:
+def record_from_description(description: str) -> Record | None:
     """The record a kafka-spout commit carries; None for any other commit's description.
     Raises ValueError for a kafka-spout description whose record is damaged."""
     if not description.startswith(DESCRIPTION_TITLE):
@@ -3048,10 +3171,12 @@ class PipeArchives:
 
 
 class Outgoing(NamedTuple):
-    """A closed batch on its way to Pachyderm."""
+    """A closed batch on its way to Pachyderm, or (closed) the end of a bounded read."""
     batch: Batch
     topics: tuple[str, ...]
     positions: dict   # (topic, partition) -> next offset of every partition consumed, after it
+    stops: dict | None = None   # a bounded read's stop of every partition
+    closed: bool = False        # every partition reached its stop: the range is complete
 
 
 class Delivery:
@@ -3068,7 +3193,7 @@ class Delivery:
     # group's offset.
     records_positions = False
 
-    def start(self) -> tuple[list[str], dict] | None:
+    def start(self) -> Record | None:
         """Waits until Pachyderm can be reached; returns the topics and positions it recorded
         last, or None. Raises ConfigError when Pachyderm refuses the spout, Stopped on stop."""
         return None
@@ -3118,7 +3243,7 @@ class PipeDelivery(Delivery):
         self.marker_path = config.marker_path
         self.archives = PipeArchives(PipeWriter(config.output_pipe, stop))
 
-    def start(self) -> tuple[list[str], dict] | None:
+    def start(self) -> Record | None:
         if not self.marker:
             return None
         try:
@@ -3128,11 +3253,11 @@ class PipeDelivery(Delivery):
 
     def send(self, outgoing: Outgoing, deadline: float | None = None) -> None:
         members = outgoing.batch.members
-        if self.marker and members:
+        if self.marker and (members or outgoing.closed):
             # Last in the archive: a reader that streams puts (1.8-1.10) stores the marker
             # only after every file before it.
-            members = members + [(self.marker,
-                                  encode_marker(outgoing.topics, outgoing.positions), 0)]
+            members = members + [(self.marker, encode_marker(
+                outgoing.topics, outgoing.positions, outgoing.stops, outgoing.closed), 0)]
         self.archives.send(encode_archive(members), outgoing, deadline)
 
     def held(self, final: bool = False) -> list[Outgoing]:
@@ -3324,7 +3449,7 @@ class PfsDelivery(Delivery):
                            f"{self.repo} ({details})")
 
     # -- start
-    def start(self) -> tuple[list[str], dict]:
+    def start(self) -> Record:
         import grpc
         self.client = PachdClient(self.address, self.config.pach_token,
                                   self.config.pach_root_certs, self.repo, self.stop)
@@ -3346,7 +3471,7 @@ class PfsDelivery(Delivery):
                 log.warning("%s; waiting for it to be finished", error)
             backoff.wait()
 
-    def _read_record(self) -> tuple[list[str], dict]:
+    def _read_record(self) -> Record:
         """The record of the newest commit the spout made on the branch. An open head that a
         spout left behind (it died mid-commit) is dropped: its messages are in Kafka still."""
         commit = self.client.head(None)
@@ -3382,22 +3507,22 @@ class PfsDelivery(Delivery):
             log.warning("no kafka-spout commit among the newest %d of %s: partitions start "
                         "from the group's offsets, else AUTO_OFFSET_RESET",
                         RECORD_SEARCH_COMMITS, self.repo)
-            return [], {}
+            return Record([], {})
         log.info("no kafka-spout commit on %s yet: partitions start from the group's "
                  "offsets, else AUTO_OFFSET_RESET", self.repo)
-        return [], {}
+        return Record([], {})
 
     # -- delivery
     def send(self, outgoing: Outgoing, deadline: float | None = None) -> None:
         import grpc
         batch = outgoing.batch
-        if not batch.members:  # only tombstones: nothing to commit
+        if not batch.members and not outgoing.closed:  # only tombstones: nothing to commit
             self.delivered.append(outgoing)
             return
         ranges = {(tp.topic, tp.partition): (batch.first_offsets[tp], end)
                   for tp, end in batch.offsets.items()}
         description = describe_commit(ranges, batch.records, outgoing.topics,
-                                      outgoing.positions)
+                                      outgoing.positions, outgoing.stops, outgoing.closed)
         backoff = Backoff(self.stop, 0.1, PACHD_BACKOFF_MAX, deadline)
         while True:
             try:
@@ -3422,7 +3547,8 @@ class PfsDelivery(Delivery):
             return  # the last attempt's FinishCommit reached pachd; only its answer was lost
         self.unsettled = _STARTING  # pachd may start the commit and its answer be lost
         commit = self.unsettled = self.client.start_commit(description, deadline)
-        self.client.put_files(commit, members, size, deadline)
+        if members:
+            self.client.put_files(commit, members, size, deadline)
         self.client.finish_commit(commit, description, deadline)
         self.unsettled = None
         log.debug("commit %s: %d file(s)", commit.id, len(members))
@@ -4024,6 +4150,8 @@ COMMIT_RETRY_SECONDS = 2.0
 # A newly assigned partition's committed offset: a broker that takes longer is out of reach,
 # and the loop must keep answering a stop.
 RESOLVE_TIMEOUT_MS = 5000
+# START_AT and STOP_AT's offsets from the broker (ListOffsets), once per partition assigned.
+BOUND_TIMEOUT_MS = 10_000
 # Group commits are for restarts and lag, not for delivery: once a second is plenty, and a
 # synchronous commit per archive would halve the rate on small messages.
 COMMIT_INTERVAL = 1.0
@@ -4044,13 +4172,22 @@ class Progress:
     decoding or the open batch; those in [held, handed), in batches sent and not yet held.
     None: not known yet (a partition that starts wherever the consumer's reset puts it).
     """
-    __slots__ = ("polled", "handed", "held", "committed", "owned", "resolved")
+    __slots__ = ("polled", "handed", "held", "committed", "owned", "resolved", "stop",
+                 "reached")
 
     def __init__(self, offset: int | None = None):
         self.polled = self.handed = self.held = offset
         self.committed: int | None = None   # what this spout last told the group
         self.owned = False
         self.resolved = True   # group mode: False from assignment until its start is known
+        self.stop: int | None = None   # STOP_AT: nothing at or past it is taken
+        self.reached = False           # a record at or past the stop was polled
+
+    def done(self, position: int | None) -> bool:
+        """STOP_AT: nothing before the stop is left to read."""
+        return self.stop is not None and (
+            self.reached or (self.held is not None and self.held >= self.stop) or
+            (position is not None and position >= self.stop))
 
     def waiting(self) -> bool:
         """Polled messages that Pachyderm does not hold yet."""
@@ -4058,7 +4195,8 @@ class Progress:
 
     def __repr__(self) -> str:
         return (f"Progress(polled={self.polled}, handed={self.handed}, held={self.held}, "
-                f"committed={self.committed}, owned={self.owned}, resolved={self.resolved})")
+                f"committed={self.committed}, owned={self.owned}, resolved={self.resolved}, "
+                f"stop={self.stop}, reached={self.reached})")
 
 
 class Ledger:
@@ -4081,6 +4219,10 @@ class Ledger:
         self.in_flight: deque = deque()   # Outgoing handed over, not yet held, oldest first
         self.given_up = False             # a batch was given up: nothing may follow it
         self.unresolved: set = set()      # group mode: assigned, start not yet known
+        self.bounded = False              # some partition has a stop (STOP_AT)
+        # The record Pachyderm held at start: a bounded read's stops, if it closed them.
+        self.recorded_stops: dict = {}
+        self.closed_stops: dict | None = None
 
     def __getitem__(self, tp) -> Progress:
         return self.partitions[tp]
@@ -4089,12 +4231,52 @@ class Ledger:
         return self.partitions.get(tp)
 
     # -- where partitions start
-    def recorded(self, positions: Mapping) -> None:
+    def recorded(self, positions: Mapping, stops: Mapping | None = None,
+                 closed: bool = False) -> None:
         """Pachyderm's record (the marker, or the last commit's description): it holds all
-        before these offsets."""
+        before these offsets; a bounded read's record has its stops, and says whether it
+        closed the range."""
         from kafka import TopicPartition
         for key, offset in positions.items():
             self.partitions[TopicPartition(*key)] = Progress(offset)
+        self.recorded_stops = {TopicPartition(*key): offset
+                               for key, offset in (stops or {}).items()}
+        self.closed_stops = dict(self.recorded_stops) if closed else None
+
+    def set_stop(self, tp, offset: int) -> None:
+        self.partitions[tp].stop = offset
+        self.bounded = True
+
+    def stops(self) -> dict | None:
+        if not self.bounded:
+            return None
+        return {tp: progress.stop for tp, progress in self.partitions.items()
+                if progress.stop is not None}
+
+    def clip(self, records: dict) -> tuple[dict, list]:
+        """A poll's records less those at or past their partition's stop; and the partitions
+        that got there (to pause: nothing more of them is taken)."""
+        reached = []
+        for tp, messages in list(records.items()):
+            progress = self.partitions.get(tp)
+            if progress is None or progress.stop is None or not messages or \
+                    messages[-1].offset < progress.stop:
+                continue
+            progress.reached = True
+            reached.append(tp)
+            kept = [record for record in messages if record.offset < progress.stop]
+            if kept:
+                records[tp] = kept
+            else:
+                del records[tp]
+        return records, reached
+
+    def range_closed(self) -> bool:
+        """Whether the record Pachyderm holds closed exactly this read's range."""
+        stops = self.stops()
+        return self.closed_stops is not None and stops == self.closed_stops and all(
+            progress.held is not None and progress.held >= progress.stop
+            for progress in self.partitions.values() if progress.stop is not None)
 
     def started(self, tp, offset: int) -> None:
         """Exactly-once: tp is this spout's from offset on (its record, else the group's
@@ -4168,9 +4350,10 @@ class Ledger:
                     progress.held = progress.handed = messages[0].offset
                 progress.polled = messages[-1].offset + 1
 
-    def hand_over(self, batch: Batch, topics: tuple) -> Outgoing:
+    def hand_over(self, batch: Batch, topics: tuple, closed: bool = False) -> Outgoing:
         """A closed batch becomes an Outgoing: its record is every partition's `handed`
-        once this batch is counted in."""
+        once this batch is counted in. closed: the empty batch that ends a bounded read,
+        once Pachyderm holds every partition up to its stop."""
         if self.given_up:
             raise Stopped("an earlier batch was given up")
         partitions = self.partitions
@@ -4182,7 +4365,10 @@ class Ledger:
             progress.handed = end if progress.handed is None else max(progress.handed, end)
         positions = {tp: progress.handed for tp, progress in partitions.items()
                      if progress.handed is not None}
-        outgoing = Outgoing(batch, topics, positions)
+        if closed and any(progress.held is None or progress.held < progress.stop
+                          for progress in partitions.values() if progress.stop is not None):
+            raise OffsetLedgerError("a range closed before Pachyderm holds it to its stops")
+        outgoing = Outgoing(batch, topics, positions, self.stops(), closed)
         self.in_flight.append(outgoing)
         return outgoing
 
@@ -4204,8 +4390,11 @@ class Ledger:
 
     def caught_up(self, tp, position: int) -> bool:
         """The consumer's position once Pachyderm holds all polled of tp: past transaction
-        markers and aborted records, which no batch carries. True if it moved."""
+        markers and aborted records, which no batch carries. True if it moved. Never past
+        a stop: what lies beyond is not taken."""
         progress = self.partitions.get(tp)
+        if progress is not None and progress.stop is not None:
+            position = progress.stop if progress.reached else min(position, progress.stop)
         if progress is None or not progress.owned or not progress.resolved or \
                 progress.waiting() or (progress.polled is not None and
                                        position < progress.polled):
@@ -4453,7 +4642,7 @@ class Spout:
             except KafkaError as error:
                 log.debug("metadata before joining failed (%s); joining anyway", error)
 
-    def adopt_record(self, record: tuple[list[str], dict] | None) -> None:
+    def adopt_record(self, record: Record | None) -> None:
         """Where Pachyderm's record says each partition resumes."""
         if record is None:
             return
@@ -4461,7 +4650,56 @@ class Spout:
         if topics and self.config.topics and sorted(topics) != sorted(self.config.topics):
             log.info("the record was written for topics %s; resuming those still configured",
                      ",".join(topics))
-        self.ledger.recorded(positions)
+        self.ledger.recorded(positions, getattr(record, "stops", None),
+                             getattr(record, "closed", False))
+
+    def bound_offsets(self, bound: ReadBound, partitions: list) -> dict:
+        """Each partition's offset for START_AT or STOP_AT; None where explicit offsets do not
+        name it. Under read_committed the end is the last stable offset."""
+        if bound.kind == "offsets":
+            return {tp: bound.offsets.get((tp.topic, tp.partition)) for tp in partitions}
+        if bound.kind == "earliest":
+            return self.consumer.beginning_offsets(partitions, timeout_ms=BOUND_TIMEOUT_MS)
+        ends = self.consumer.end_offsets(partitions, timeout_ms=BOUND_TIMEOUT_MS)
+        if bound.kind != "time":
+            return ends
+        found = self.consumer.offsets_for_times({tp: bound.time_ms for tp in partitions},
+                                                timeout_ms=BOUND_TIMEOUT_MS)
+        return {tp: ends[tp] if found.get(tp) is None else found[tp].offset
+                for tp in partitions}
+
+    def check_named_partitions(self, partitions: set) -> None:
+        """Explicit START_AT or STOP_AT offsets name only partitions this spout reads."""
+        for name, bound in (("START_AT", self.config.start_at),
+                            ("STOP_AT", self.config.stop_at)):
+            if bound is None or bound.kind != "offsets":
+                continue
+            for topic, partition in sorted(bound.offsets):
+                if (topic, partition) not in partitions:
+                    raise ConfigError(name, f"{topic}/{partition} is no partition this spout "
+                                      f"reads (topics: {', '.join(self.topics) or 'none'})")
+
+    def set_stops(self, partitions: list, first: bool) -> None:
+        """STOP_AT for newly assigned partitions. `end` is the end as the read began: a
+        restart keeps the stops its record names."""
+        bound = self.config.stop_at
+        recorded = self.ledger.recorded_stops if bound.kind == "end" else {}
+        stops = {tp: recorded[tp] for tp in partitions if tp in recorded}
+        todo = [tp for tp in partitions if tp not in stops]
+        if todo:
+            stops.update(self.bound_offsets(bound, todo))
+        for tp in partitions:
+            stop = stops.get(tp)
+            if stop is None:
+                if first:
+                    raise ConfigError("STOP_AT", f"names no stop for {tp.topic}/{tp.partition}:"
+                                      " name every partition, or use end or a time")
+                stop = self.ledger[tp].held
+                log.warning("%s/%d appeared after the read began and STOP_AT names it not: "
+                            "nothing of it is taken", tp.topic, tp.partition)
+            self.ledger.set_stop(tp, stop)
+        log.info("STOP_AT=%s: %s", bound, ", ".join(
+            f"{tp.topic}/{tp.partition} up to {self.ledger[tp].stop}" for tp in partitions))
 
     def assign(self) -> None:
         """Exactly-once mode: every partition of the topics, resumed where the record says.
@@ -4492,15 +4730,26 @@ class Spout:
                 f"{tp.topic}/{tp.partition}" for tp in sorted(gone)))
             self.batcher.drop(gone)
             self.ledger.forget(gone)
+        first = not owned
+        if first:
+            self.check_named_partitions(wanted)
+        fresh = [tp for tp in sorted(new)
+                 if self.ledger.get(tp) is None or self.ledger[tp].held is None]
+        starts = self.bound_offsets(self.config.start_at, fresh) \
+            if self.config.start_at is not None and fresh else {}
         for tp in sorted(new):
             progress = self.ledger.get(tp)
             if progress is not None and progress.held is not None:
                 self.consumer.seek(tp, progress.held)
-            # Not in the record: the group's committed offset, else AUTO_OFFSET_RESET.
+            elif starts.get(tp) is not None:
+                self.consumer.seek(tp, starts[tp])   # START_AT, before the group's offset
+            # Else the group's committed offset, else AUTO_OFFSET_RESET.
             self.ledger.started(tp, self.consumer.position(tp, timeout_ms=10_000))
         if new:
             log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}@"
                                               f"{self.ledger[tp].held}" for tp in sorted(new)))
+            if self.config.stop_at is not None:
+                self.set_stops(sorted(new), first)
 
     def on_revoked(self, revoked: set) -> None:
         """Drops the batched messages of revoked partitions: not written yet, so whoever owns
@@ -4545,6 +4794,8 @@ class Spout:
                             self.config.broker_address, type(error).__name__, error)
                 return
             resume_at = self.ledger.resume_at(tp, committed)
+            if resume_at is None and self.config.start_at is not None:
+                resume_at = self.bound_offsets(self.config.start_at, [tp])[tp]
             if resume_at is not None and resume_at != committed:
                 self.consumer.seek(tp, resume_at)
             self.ledger.resolve(tp, resume_at, committed)
@@ -4570,7 +4821,9 @@ class Spout:
                 progress = ledger.get(tp)
                 if progress is None or progress.waiting():
                     continue
-                position = self.fetch_position(tp, True)
+                # Paused at its stop: all before the stop was read.
+                position = progress.stop if progress.reached else \
+                    self.fetch_position(tp, True)
                 if position is not None and ledger.caught_up(tp, position):
                     moved[tp] = position
         except Exception:  # the assignment changed under us: next time
@@ -4723,6 +4976,13 @@ class Spout:
                 if records:
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("polled %d record(s)", sum(map(len, records.values())))
+                    if self.ledger.bounded:
+                        records, reached = self.ledger.clip(records)
+                        if reached:
+                            self.consumer.pause(*reached)
+                            log.info("reached STOP_AT: %s", ", ".join(
+                                f"{tp.topic}/{tp.partition}" for tp in reached))
+                if records:
                     self.ledger.polled(records)
                     self.monitor.polled(records)
                     if self.decoding is not None:
@@ -4737,6 +4997,8 @@ class Spout:
                     self.flush()
                 self.delivery.check()
                 self.commit()
+                if self.ledger.bounded and self.read_to_stops():
+                    return self.finish()
                 self.monitor.refresh()
                 if time.monotonic() >= next_health_check:
                     self.check_connection()
@@ -4749,6 +5011,54 @@ class Spout:
         except Stopped:
             pass
         return self.shutdown()
+
+    def read_to_stops(self) -> bool:
+        """STOP_AT: every partition read up to its stop (nothing before it left in Kafka)."""
+        return all(progress.done(self.fetch_position(tp))
+                   for tp, progress in self.ledger.partitions.items() if progress.owned)
+
+    def await_held(self) -> None:
+        """Until Pachyderm holds every batch sent (1.x: the reader has read it all)."""
+        while self.ledger.in_flight:
+            self.delivery.check()
+            self.take_held(self.delivery.held(final=True))
+            if self.ledger.in_flight and self.stop.wait(0.05):
+                raise Stopped("stopping")
+
+    def finish(self) -> int:
+        """The end of a bounded read: the last batch, and once Pachyderm holds every
+        partition up to its stop, a commit (1.x: an archive of the marker alone) whose record
+        says the range is closed, then the group's offsets. Exits, or idles in a pipeline,
+        which would only restart a spout that exits."""
+        log.info("every partition reached STOP_AT=%s: delivering the last batch",
+                 self.config.stop_at)
+        self.flush()
+        self.await_held()
+        self.adopt_consumer_positions()
+        if self.ledger.range_closed():
+            log.info("the range was closed already: nothing to do")
+        else:
+            outgoing = self.ledger.hand_over(Batch(), self.topics, closed=True)
+            try:
+                self.delivery.send(outgoing)
+            except Stopped:
+                self.ledger.give_up(outgoing)
+                raise
+            self.await_held()
+        self.commit(final=True)
+        self.delivery.close(time.monotonic() + 1.0)
+        lag = self.lag()
+        self.consumer.close(autocommit=False, timeout_ms=1000)
+        self.monitor.finished()
+        log.info("range closed at %s; %s", ", ".join(
+            f"{tp.topic}/{tp.partition}={offset}"
+            for tp, offset in sorted(self.ledger.stops().items())), self.stats.line(),
+            extra={"fields": {**self.stats.fields(), "lag": lag}})
+        if self.config.in_pipeline:
+            log.info("in a pipeline (PPS_PIPELINE_NAME is set), which restarts a spout that "
+                     "exits: idling until stopped")
+            self.stop.wait()
+        return 0
 
     def shutdown(self) -> int:
         deadline = time.monotonic() + SHUTDOWN_BUDGET
@@ -4809,6 +5119,9 @@ class Monitor:
 
     def refresh(self) -> None:
         """Between polls."""
+
+    def finished(self) -> None:
+        """A bounded read is complete: nothing waits any more."""
 
     def close(self) -> None:
         """At exit."""
@@ -4935,7 +5248,6 @@ class MetricsMonitor(Monitor):
         elif self.kafka_down_since is None:
             self.kafka_down_since = time.monotonic()
 
-
     def refresh(self) -> None:
         """Lag and delivered offsets of every partition owned, and whether messages wait:
         in Kafka still (the high watermark past the consumer's position), in the batch, or
@@ -4980,6 +5292,9 @@ class MetricsMonitor(Monitor):
             self.waiting_since = None
         elif self.waiting_since is None:
             self.waiting_since = now
+
+    def finished(self) -> None:
+        self.waiting_since = self.kafka_down_since = None
 
     def count_redeliveries(self) -> None:
         with self.redelivery_lock:

@@ -38,8 +38,10 @@ class LoopModel(RuleBasedStateMachine):
     exactly_once = True
 
     @initialize(gaps=st.lists(st.lists(st.integers(1, 3), min_size=30, max_size=30),
-                              min_size=2, max_size=2))
-    def start(self, gaps):
+                              min_size=2, max_size=2),
+                stops=st.none() | st.lists(st.integers(0, 20) | st.integers(60, 64),
+                                           min_size=2, max_size=2))
+    def start(self, gaps, stops):
         # Kafka: each partition's message offsets, gaps between them (markers, aborted).
         self.log = {}
         for tp, steps in zip(PARTITIONS, gaps):
@@ -52,6 +54,14 @@ class LoopModel(RuleBasedStateMachine):
         self.held_by_us: list = []       # (tp, offset) of every message our batches hold
         self.held_elsewhere: set = set() # group mode: what another spout delivered
         self.record: dict = {}           # the newest record Pachyderm holds
+        # A bounded read (exactly-once only): each partition's stop at a message, just
+        # before one (in a gap, where markers lie), or past the end.
+        self.stops = None
+        if stops is not None and self.exactly_once:
+            self.stops = {tp: (self.log[tp][index // 2] - index % 2 if index < 60
+                               else self.log[tp][-1] + index)
+                          for tp, index in zip(PARTITIONS, stops)}
+        self.closed = False
         self.start_spout()
 
     def start_spout(self):
@@ -69,6 +79,8 @@ class LoopModel(RuleBasedStateMachine):
                 start = progress.held if progress is not None else self.group.get(tp, 0)
                 self.position[tp] = start
                 self.ledger.started(tp, start)
+                if self.stops is not None:
+                    self.ledger.set_stop(tp, self.stops[tp])
 
     # -- Kafka's side
     def next_position(self, tp, after: int) -> int:
@@ -84,13 +96,18 @@ class LoopModel(RuleBasedStateMachine):
         if progress is None or not progress.owned or not progress.resolved:
             return
         start = self.position[which]
+        if progress.reached:
+            return   # paused at its stop
         offsets = [o for o in self.log[which] if o >= start][:count]
         if not offsets:
             return
         records = {which: [record(which, o) for o in offsets]}
+        self.position[which] = self.next_position(which, offsets[-1] + 1)
+        records, _reached = self.ledger.clip(records)
+        if not records:
+            return
         self.ledger.polled(records)
         self.decoding.append(records)
-        self.position[which] = self.next_position(which, offsets[-1] + 1)
 
     @precondition(lambda self: not self.stopped and self.decoding)
     @rule()
@@ -158,7 +175,31 @@ class LoopModel(RuleBasedStateMachine):
             progress = self.ledger.get(tp)
             if progress is not None and progress.owned and progress.resolved and \
                     tp in self.position:
-                self.ledger.caught_up(tp, self.position[tp])
+                self.ledger.caught_up(tp, progress.stop if progress.reached
+                                      else self.position[tp])
+
+    @precondition(lambda self: not self.stopped and self.stops is not None and
+                  not self.closed and self.reader)
+    @rule()
+    def close_the_range(self):
+        """Spout.finish(): once every partition is read to its stop."""
+        if not all(self.ledger[tp].done(self.position[tp]) for tp in PARTITIONS):
+            return
+        self.decoded()
+        self.flush()
+        while self.in_flight:
+            self.pachyderm_holds_one()
+        self.adopt_positions()
+        closing = self.ledger.hand_over(spout.Batch(), ("t",), closed=True)
+        self.hold(closing)
+        self.ledger.held(closing)
+        self.commit()
+        self.closed = True
+        held = self.holds()
+        for tp, offsets in self.log.items():
+            missing = [o for o in offsets if o < self.stops[tp] and (tp, o) not in held]
+            assert not missing, f"{tp} closed at {self.stops[tp]} without {missing}"
+            assert self.group[tp] == self.stops[tp] == self.record[tp]
 
     @precondition(lambda self: not self.stopped)
     @rule()
@@ -209,6 +250,15 @@ class LoopModel(RuleBasedStateMachine):
                 missing = [o for o in offsets if o < mark and (tp, o) not in held]
                 assert not missing, f"{what} of {tp} is {mark}, past unheld {missing}"
         self.ledger.check()
+
+    @invariant()
+    def nothing_at_or_past_a_stop_is_taken(self):
+        if getattr(self, "stops", None) is None:
+            return
+        for tp, offset in self.held_by_us:
+            assert offset < self.stops[tp], (tp, offset, self.stops[tp])
+        for tp, stop in self.stops.items():
+            assert self.group.get(tp, 0) <= stop and self.record.get(tp, 0) <= stop
 
     @invariant()
     def exactly_once_holds_nothing_twice(self):
@@ -265,7 +315,7 @@ class GroupLoopModel(LoopModel):
             self.assign(which)
 
 
-LOOP_SETTINGS = settings(max_examples=150, stateful_step_count=60, deadline=None,
+LOOP_SETTINGS = settings(max_examples=300, stateful_step_count=60, deadline=None,
                          suppress_health_check=[HealthCheck.too_slow])
 TestExactlyOnceLoop = LoopModel.TestCase
 TestExactlyOnceLoop.settings = LOOP_SETTINGS

@@ -288,3 +288,20 @@ def test_sigkill_mid_backfill_keeps_the_end_the_read_began_with(
     assert second.wait(EXIT_WITHIN) == 0, second.log
     assert landed(pachd) == expected(topic, {0: 0, 1: 0, 2: 0}, {0: 150, 1: 150, 2: 150})
     assert record_of(pachd).stops == {(topic, p): 150 for p in range(3)}
+
+
+@pytest.mark.parametrize("format", ["jsonl", "parquet"])
+def test_a_bounded_read_of_segments_holds_exactly_the_range(broker, ten_each, pachd, tmp_path,
+                                                           spouts, format):
+    from test_segments import segment_rows
+    topic = ten_each
+    starts, stops = {0: 3, 1: 0, 2: 9}, {0: 8, 1: 4, 2: 10}
+    process = spouts(pfs_env(broker, topic, pachd, tmp_path, FORMAT=format,
+                             START_AT=offsets_text(topic, starts),
+                             STOP_AT=offsets_text(topic, stops)))
+    assert process.wait(EXIT_WITHIN) == 0, process.log
+    rows = sorted((row["partition"], row["offset"], row["value"])
+                  for path, data in landed(pachd).items() for row in segment_rows(path, data))
+    assert rows == [(p, o, b"%d-%d" % (p, o)) for p in range(3)
+                    for o in range(starts[p], stops[p])]
+    assert record_of(pachd).closed

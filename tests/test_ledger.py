@@ -65,7 +65,7 @@ class LoopModel(RuleBasedStateMachine):
         self.start_spout()
 
     def start_spout(self):
-        self.ledger = spout.Ledger(self.exactly_once)
+        self.ledger = spout.Ledger()
         self.ledger.recorded(self.record)
         self.position: dict = {}
         self.decoding: list = []
@@ -326,7 +326,7 @@ TestGroupLoop.settings = LOOP_SETTINGS
 # -- the ledger refuses what would break the invariant
 
 def test_a_batch_held_out_of_order_is_refused():
-    ledger = spout.Ledger(True)
+    ledger = spout.Ledger()
     tp = PARTITIONS[0]
     ledger.started(tp, 0)
     batches = []
@@ -341,7 +341,7 @@ def test_a_batch_held_out_of_order_is_refused():
 
 def test_records_waiting_in_decoding_keep_the_consumer_position_out():
     """Case 1's cause: a poll inside decoding is in no batch, yet not held."""
-    ledger = spout.Ledger(False)
+    ledger = spout.Ledger()
     tp = PARTITIONS[0]
     ledger.assigned([tp])
     ledger.resolve(tp, 0, None)
@@ -352,7 +352,7 @@ def test_records_waiting_in_decoding_keep_the_consumer_position_out():
 
 def test_a_batch_held_late_does_not_move_the_group_back():
     """Held after its partition went to another spout and came back."""
-    ledger = spout.Ledger(False)
+    ledger = spout.Ledger()
     tp = PARTITIONS[0]
     ledger.assigned([tp])
     ledger.resolve(tp, 0, None)
@@ -435,7 +435,7 @@ def test_a_batch_of_dead_letters_alone_is_handed_over_and_committed():
     shipped: list = []
     segments = dead_lettering_segments(shipped)
     kept, revoked = TopicPartition("t", 0), TopicPartition("t", 1)
-    ledger = spout.Ledger(False)
+    ledger = spout.Ledger()
     ledger.assigned([kept, revoked])
     for tp in (kept, revoked):
         ledger.resolve(tp, 0, None)

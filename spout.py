@@ -86,8 +86,20 @@ _K8S_SERVICE_ENV_RE = re.compile(
     r"PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
 
+def parse_whole_number(text: str) -> int:
+    """int() with the user's words: '1.5' is not a whole number, 'soon' is not a number."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        try:
+            float(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
 def parse_positive_int(text: str) -> int:
-    value = int(text.strip())
+    value = parse_whole_number(text)
     if value <= 0:
         raise ValueError("must be a positive whole number")
     return value
@@ -112,7 +124,7 @@ def parse_seconds(text: str) -> float:
 
 
 def parse_port(text: str) -> int:
-    port = int(text.strip())
+    port = parse_whole_number(text)
     if not 0 < port < 65536:
         raise ValueError("must be a port number from 1 to 65535")
     return port
@@ -246,7 +258,7 @@ def parse_pachd_address(text: str) -> tuple[str, bool]:
         raise ValueError(f"{address!r}: scheme {scheme!r} is not grpc, grpcs, http or https")
     match = _HOST_PORT_RE.fullmatch(rest)
     if not match:
-        raise ValueError(f"{address!r} is not [grpc://|grpcs://]host:port")
+        raise ValueError(f"{address!r} is not [grpc://|grpcs://|http://|https://]host:port")
     parse_port(match.group(2))
     return f"{scheme}://{rest}", scheme in ("grpcs", "https")
 
@@ -368,8 +380,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ON_BAD_RECORD", "on_bad_record", parse_choice("dead-letter", "skip", "fail"),
             "dead-letter", "with DECODE, a message that cannot be decoded: dead-letter "
             "(its bytes to _errors/), skip (count and log) or fail (stop)"),
-    Setting("LOG_LEVEL", "log_level", parse_choice("DEBUG", "INFO", "WARNING"), "INFO",
-            "DEBUG, INFO or WARNING"),
+    Setting("LOG_LEVEL", "log_level", parse_choice("DEBUG", "INFO", "WARNING", "ERROR"),
+            "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Setting("LOG_FORMAT", "log_format", parse_choice("text", "json"), "text",
             "text, or json: one JSON object per line for log platforms"),
     Setting("METRICS_PORT", "metrics_port", parse_port, None,
@@ -414,7 +426,7 @@ def parse_kafka_option(name: str, text: str, defaults: Mapping[str, object]) -> 
             return False
         raise ValueError("must be true or false")
     if isinstance(default, int):
-        return int(text.strip())
+        return parse_whole_number(text)
     if isinstance(default, float):
         return float(text.strip())
     if name == "api_version":
@@ -423,7 +435,7 @@ def parse_kafka_option(name: str, text: str, defaults: Mapping[str, object]) -> 
         except ValueError:
             raise ValueError("must be a version such as 2.8.0") from None
     if default is None and name.endswith(("_ms", "_bytes")):
-        return int(text.strip())
+        return parse_whole_number(text)
     if default is None or isinstance(default, str):
         return text
     raise ValueError("cannot be set from text")
@@ -502,16 +514,12 @@ class Config:
                 raise ConfigError(source, describe_value_error(error, raw)) from None
 
         host, port = values.pop("host", None), values.pop("port", None)
+        check_required(values, sources, host, port)
         if "bootstrap_servers" not in values:
-            if host is None or port is None:
-                missing = "HOST" if host is None else "PORT"
-                raise ConfigError(missing, "required (or set BOOTSTRAP_SERVERS)")
             address = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
             values["bootstrap_servers"] = (address,)
         if "topics" in values and "topic_pattern" in values:
             raise ConfigError("TOPIC_PATTERN", "set TOPIC or TOPIC_PATTERN, not both")
-        if "topics" not in values and "topic_pattern" not in values:
-            raise ConfigError("TOPIC", "required (or set TOPIC_PATTERN)")
         if values.get("tombstones") == "keep" and values.get("format", "raw") == "raw":
             raise ConfigError("TOMBSTONES", "keep needs FORMAT=json, raw+meta, jsonl or "
                               "parquet: a raw file cannot tell a null value from an empty one")
@@ -582,6 +590,32 @@ class Config:
         return " ".join(f"{name}={value!r}" for name, value in fields.items())
 
 
+def check_required(values: Mapping[str, object], sources: Mapping[str, str],
+                   host: object, port: object) -> None:
+    """Every required setting that is missing, in one line: the broker, the topics, and where
+    a DELIVERY=auto spout would deliver, so that a first run is not a game of one at a time."""
+    missing: list[str] = []
+    alternatives: list[str] = []
+    if "bootstrap_servers" not in values and (host is None or port is None):
+        absent = [name for name, value in (("HOST", host), ("PORT", port)) if value is None]
+        missing += absent
+        alternatives.append(" and ".join(absent) + ", or BOOTSTRAP_SERVERS")
+    if "topics" not in values and "topic_pattern" not in values:
+        missing.append("TOPIC")
+        alternatives.append("TOPIC, or TOPIC_PATTERN")
+    if not missing:
+        return
+    if len(missing) == 1 or missing == ["HOST", "PORT"]:
+        problem = f"required (or set {alternatives[0].split(', or ')[1]})"
+    else:
+        problem = f"required ({'; '.join(alternatives)})"
+    try:
+        choose_delivery(values, sources)
+    except ConfigError as delivery_problem:
+        problem += f"; {delivery_problem}"
+    raise ConfigError(", ".join(missing), problem)
+
+
 def is_kubernetes_variable(env_name: str, defaults: Mapping[str, object]) -> bool:
     # An option's own name wins over the shape, so that no real setting is ever dropped.
     return env_name[len("KAFKA_"):].lower() not in defaults and \
@@ -620,6 +654,8 @@ def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> d
             raise ConfigError(source, f"unknown KafkaConsumer option {name!r}")
         try:
             options[name] = parse_kafka_option(name, text, defaults)
+            if name in _KAFKA_CHOICES:  # case-insensitive, as every choice of the spout's own
+                options[name] = parse_choice(*_KAFKA_CHOICES[name])(text)
         except ValueError as error:
             raise ConfigError(source, describe_value_error(error, text)) from None
         if name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile") and \
@@ -630,20 +666,23 @@ def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> d
 
 
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
+# KafkaConsumer options whose values are names: accepted in any case, given in kafka-python's.
+_KAFKA_CHOICES = {
+    "security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "sasl_mechanism": _SASL_MECHANISMS,
+    "isolation_level": ("read_committed", "read_uncommitted"),
+}
 
 
 def check_security(options: Mapping[str, object]) -> None:
     """What kafka-python would only find out at its first connection."""
     protocol = options.get("security_protocol", "PLAINTEXT")
-    if protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
-        raise ConfigError("KAFKA_SECURITY_PROTOCOL", f"{protocol!r} is not PLAINTEXT, SSL, "
-                          "SASL_PLAINTEXT or SASL_SSL")
     if not str(protocol).startswith("SASL"):
         return
     mechanism = options.get("sasl_mechanism")
-    if mechanism not in _SASL_MECHANISMS:
-        raise ConfigError("KAFKA_SASL_MECHANISM", f"{protocol} needs one of "
-                          f"{', '.join(_SASL_MECHANISMS)}, not {mechanism!r}")
+    if mechanism is None:
+        raise ConfigError("KAFKA_SASL_MECHANISM", f"required with {protocol}: one of "
+                          f"{', '.join(_SASL_MECHANISMS)}")
     if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
         for option in ("sasl_plain_username", "sasl_plain_password"):
             if not options.get(option):
@@ -879,7 +918,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kafka", action="append", metavar="OPTION=VALUE",
                         help="any KafkaConsumer option, e.g. session_timeout_ms=6000 "
                              "(env KAFKA_<OPTION>, e.g. KAFKA_SESSION_TIMEOUT_MS)")
+    parser.add_argument("--version", action="store_true",
+                        help="print the spout's version and kafka-python's, then exit")
     return parser
+
+
+def version_line() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        kafka_python = version("kafka-python")
+    except PackageNotFoundError:
+        kafka_python = "not installed"
+    return (f"spout.py {__version__} (kafka-python {kafka_python}, Python "
+            f"{'.'.join(map(str, sys.version_info[:3]))})")
 
 
 # --------------------------------------------------------------------------- naming
@@ -5201,6 +5252,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:
         build_arg_parser().print_help()
+        return 0
+    if "--version" in argv:
+        print(version_line())
         return 0
     try:
         config = Config.from_sources(environ, argv)

@@ -4453,12 +4453,15 @@ class Spout:
         backoff = Backoff(self.stop, 1.0, CONNECT_BACKOFF_MAX)
         while True:
             self.refused_in_authentication = False
+            kafka_failures.cause = None
             try:
                 self.consumer = KafkaConsumer(**self.consumer_options())
                 self.monitor.kafka_reachable(True)
                 return True
             except KafkaError as error:
                 self.monitor.kafka_reachable(False)
+                if self.stop.is_set():
+                    return False
                 if self.refused_in_authentication or isinstance(
                         error, SaslAuthenticationFailedError):
                     log.warning("Kafka at %s refused this spout in SASL authentication "
@@ -4467,8 +4470,9 @@ class Spout:
                                 self.config.kafka_options.get("sasl_mechanism"), error,
                                 backoff.delay)
                 else:
-                    log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",
-                                self.config.broker_address, type(error).__name__,
+                    log.warning("cannot reach Kafka at %s: %s; retrying in %.0fs",
+                                self.config.broker_address,
+                                kafka_failures.cause or describe_kafka_failure(error),
                                 backoff.delay)
             try:
                 backoff.wait()
@@ -4669,10 +4673,12 @@ class Spout:
         if connected != self.connected:
             self.connected = connected
             if connected:
+                kafka_failures.cause = None
                 log.info("connected to Kafka at %s again", self.config.broker_address)
             else:
-                log.warning("lost contact with Kafka at %s; reconnecting with back-off",
-                            self.config.broker_address)
+                log.warning("lost contact with Kafka at %s%s; reconnecting with back-off",
+                            self.config.broker_address,
+                            f" ({kafka_failures.cause})" if kafka_failures.cause else "")
 
     # -- batching
     @property
@@ -5223,12 +5229,91 @@ class OneLineFormatter(logging.Formatter):
         return super().format(record).replace("\n", " ")
 
 
+class KafkaFailures(logging.Filter):
+    """kafka-python logs every failed try to reach a broker, one to four WARNING and ERROR
+    lines each, several a second (105 lines in 30 s against a closed port), and then raises
+    a bare KafkaTimeoutError that does not say why. This filter, on the loggers that say it,
+    keeps the latest cause for the spout's own line (Spout.connect, check_connection), and
+    lets those lines through only at LOG_LEVEL=DEBUG: the spout says it once per back-off.
+    It filters the handler, not the loggers, so that the loggers' own filters
+    (Spout.watch_kafka_python) still see every record."""
+
+    LOGGERS = ("kafka.net.manager", "kafka.net.connection", "kafka.net.inet",
+               "kafka.net.transport", "kafka.cluster", "kafka.coordinator")
+    NOISE = ("Connection failed: ", "Bootstrap ", "%s: Connection lost: ",
+             "%s: SaslHandshake failed: ", "DNS lookup failed for ", "%s: Abort (",
+             "%s: socket disconnected", "No node available for metadata refresh",
+             "Metadata refresh: failed ", "Error sending %s to node %s [%s]")
+    # Said of any failure, not only of a lost connection: noise only for a connection's.
+    IF_CONNECTION = ("Metadata refresh: failed ", "Error sending %s to node %s [%s]")
+    _DNS = re.compile(r"DNS lookup failed for (.*):\d+, \w+\(-?\d+, '(.*)'\)")
+
+    def __init__(self):
+        super().__init__()
+        self.quiet = True
+        self.cause: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if record.name not in self.LOGGERS or not message.startswith(self.NOISE):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        if message.startswith(self.IF_CONNECTION) and not (
+                args and type(args[-1]).__name__ in ("KafkaConnectionError",
+                                                     "NodeNotReadyError")):
+            return True
+        if message.startswith("DNS lookup failed for "):
+            found = self._DNS.match(message)
+            self.cause = f"name {found.group(1)} not resolved ({found.group(2)})" if found \
+                else "name not resolved"
+        elif message.startswith(("Connection failed: ", "%s: Connection lost: ",
+                                 "%s: Abort (")) and args:
+            cause = describe_kafka_failure(args[-1])
+            # The lookup's own line says more than the DNS failure it then raises.
+            if not (cause == "name not resolved" and str(self.cause).startswith("name ")):
+                self.cause = cause
+        elif message.startswith("%s: SaslHandshake failed: ") and args:
+            self.cause = f"SASL handshake refused ({args[-1]})"
+        return not self.quiet
+
+
+def describe_kafka_failure(error) -> str:
+    """Why a connection to a broker failed, in the user's words."""
+    name = type(error).__name__
+    args = getattr(error, "args", ())  # kafka-python's str() starts with the class's name
+    text = str(args[0]) if len(args) == 1 else str(error)
+    if "UnsupportedSaslMechanism" in name or "UnsupportedSaslMechanism" in text:
+        return f"the broker does not offer this SASL mechanism ({text or name})"
+    if "Authentication" in name or "Sasl" in name:
+        return f"SASL authentication failed ({text or name})"
+    if "Authorization" in name:
+        return f"not authorized ({text or name})"
+    if "ECONNREFUSED" in text or "Connection refused" in text:
+        return "connection refused"
+    if "DNS Resolution failure" in text:
+        return "name not resolved"
+    if text.startswith("Handshake failed: "):
+        return f"TLS handshake failed ({text[len('Handshake failed: '):]})"
+    if "ECONNRESET" in text or "Connection reset" in text:
+        return "connection reset by the broker"
+    if "EHOSTUNREACH" in text or "ENETUNREACH" in text:
+        return "no route to the host"
+    if "timed out" in text.lower():
+        return "connection timed out"
+    return f"{name}: {text}" if text else name
+
+
+kafka_failures = KafkaFailures()
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if log_format == "json" else
                          OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     log.setLevel(level)
+    kafka_failures.quiet = level != "DEBUG"
+    handler.addFilter(kafka_failures)
 
 
 CRC32C_PURE_PYTHON = "pure Python"

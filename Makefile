@@ -7,9 +7,12 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+REQUIREMENTS := requirements.txt requirements-parquet.txt requirements-decode.txt requirements-dev.txt
+
+$(STAMP): $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt \
+		-r requirements-parquet.txt -r requirements-decode.txt -r requirements-dev.txt
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -900,6 +900,32 @@ def choose_mode(values: Mapping[str, object], sources: Mapping[str, str]) -> str
     return mode
 
 
+# What each optional feature imports, and the requirements file (and the Dockerfile's EXTRAS
+# word) that installs it: an image built without one refuses the setting at start.
+OPTIONAL_LIBRARIES = {
+    "parquet": ("FORMAT", ("pyarrow", "pyarrow.parquet")),
+    "decode": ("DECODE", ("confluent_kafka.schema_registry", "fastavro", "google.protobuf",
+                          "grpc_tools")),
+}
+
+
+def check_optional_libraries(config: Config) -> None:
+    """FORMAT=parquet and DECODE need libraries an image built with a smaller EXTRAS lacks:
+    say so at start, in one line, rather than at the first batch with a traceback."""
+    import importlib
+    wanted = [extra for extra, used in (("parquet", config.format == "parquet"),
+                                        ("decode", bool(config.decode))) if used]
+    for extra in wanted:
+        setting, modules = OPTIONAL_LIBRARIES[extra]
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                raise ConfigError(setting, f"needs {module.split('.')[0]}, which is not "
+                                  f"installed ({error}): pip install -r requirements-{extra}.txt"
+                                  f", or build the image with EXTRAS including {extra}") from None
+
+
 class _OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise ConfigError("command line", message)
@@ -5343,6 +5369,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 0
     try:
         config = Config.from_sources(environ, argv)
+        check_optional_libraries(config)
         if config.decode:
             # Here, not in Config: loading them is the test, and before the start-up line,
             # so that a refusal is the one line on stderr.

@@ -86,8 +86,20 @@ _K8S_SERVICE_ENV_RE = re.compile(
     r"PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
 
+def parse_whole_number(text: str) -> int:
+    """int() with the user's words: '1.5' is not a whole number, 'soon' is not a number."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        try:
+            float(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
 def parse_positive_int(text: str) -> int:
-    value = int(text.strip())
+    value = parse_whole_number(text)
     if value <= 0:
         raise ValueError("must be a positive whole number")
     return value
@@ -112,7 +124,7 @@ def parse_seconds(text: str) -> float:
 
 
 def parse_port(text: str) -> int:
-    port = int(text.strip())
+    port = parse_whole_number(text)
     if not 0 < port < 65536:
         raise ValueError("must be a port number from 1 to 65535")
     return port
@@ -246,7 +258,7 @@ def parse_pachd_address(text: str) -> tuple[str, bool]:
         raise ValueError(f"{address!r}: scheme {scheme!r} is not grpc, grpcs, http or https")
     match = _HOST_PORT_RE.fullmatch(rest)
     if not match:
-        raise ValueError(f"{address!r} is not [grpc://|grpcs://]host:port")
+        raise ValueError(f"{address!r} is not [grpc://|grpcs://|http://|https://]host:port")
     parse_port(match.group(2))
     return f"{scheme}://{rest}", scheme in ("grpcs", "https")
 
@@ -452,8 +464,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ON_BAD_RECORD", "on_bad_record", parse_choice("dead-letter", "skip", "fail"),
             "dead-letter", "with DECODE, a message that cannot be decoded: dead-letter "
             "(its bytes to _errors/), skip (count and log) or fail (stop)"),
-    Setting("LOG_LEVEL", "log_level", parse_choice("DEBUG", "INFO", "WARNING"), "INFO",
-            "DEBUG, INFO or WARNING"),
+    Setting("LOG_LEVEL", "log_level", parse_choice("DEBUG", "INFO", "WARNING", "ERROR"),
+            "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Setting("LOG_FORMAT", "log_format", parse_choice("text", "json"), "text",
             "text, or json: one JSON object per line for log platforms"),
     Setting("METRICS_PORT", "metrics_port", parse_port, None,
@@ -498,7 +510,7 @@ def parse_kafka_option(name: str, text: str, defaults: Mapping[str, object]) -> 
             return False
         raise ValueError("must be true or false")
     if isinstance(default, int):
-        return int(text.strip())
+        return parse_whole_number(text)
     if isinstance(default, float):
         return float(text.strip())
     if name == "api_version":
@@ -507,7 +519,7 @@ def parse_kafka_option(name: str, text: str, defaults: Mapping[str, object]) -> 
         except ValueError:
             raise ValueError("must be a version such as 2.8.0") from None
     if default is None and name.endswith(("_ms", "_bytes")):
-        return int(text.strip())
+        return parse_whole_number(text)
     if default is None or isinstance(default, str):
         return text
     raise ValueError("cannot be set from text")
@@ -589,16 +601,12 @@ class Config:
                 raise ConfigError(source, describe_value_error(error, raw)) from None
 
         host, port = values.pop("host", None), values.pop("port", None)
+        check_required(values, sources, host, port)
         if "bootstrap_servers" not in values:
-            if host is None or port is None:
-                missing = "HOST" if host is None else "PORT"
-                raise ConfigError(missing, "required (or set BOOTSTRAP_SERVERS)")
             address = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
             values["bootstrap_servers"] = (address,)
         if "topics" in values and "topic_pattern" in values:
             raise ConfigError("TOPIC_PATTERN", "set TOPIC or TOPIC_PATTERN, not both")
-        if "topics" not in values and "topic_pattern" not in values:
-            raise ConfigError("TOPIC", "required (or set TOPIC_PATTERN)")
         if values.get("tombstones") == "keep" and values.get("format", "raw") == "raw":
             raise ConfigError("TOMBSTONES", "keep needs FORMAT=json, raw+meta, jsonl or "
                               "parquet: a raw file cannot tell a null value from an empty one")
@@ -673,6 +681,32 @@ class Config:
         return " ".join(f"{name}={value!r}" for name, value in fields.items())
 
 
+def check_required(values: Mapping[str, object], sources: Mapping[str, str],
+                   host: object, port: object) -> None:
+    """Every required setting that is missing, in one line: the broker, the topics, and where
+    a DELIVERY=auto spout would deliver, so that a first run is not a game of one at a time."""
+    missing: list[str] = []
+    alternatives: list[str] = []
+    if "bootstrap_servers" not in values and (host is None or port is None):
+        absent = [name for name, value in (("HOST", host), ("PORT", port)) if value is None]
+        missing += absent
+        alternatives.append(" and ".join(absent) + ", or BOOTSTRAP_SERVERS")
+    if "topics" not in values and "topic_pattern" not in values:
+        missing.append("TOPIC")
+        alternatives.append("TOPIC, or TOPIC_PATTERN")
+    if not missing:
+        return
+    if len(missing) == 1 or missing == ["HOST", "PORT"]:
+        problem = f"required (or set {alternatives[0].split(', or ')[1]})"
+    else:
+        problem = f"required ({'; '.join(alternatives)})"
+    try:
+        choose_delivery(values, sources)
+    except ConfigError as delivery_problem:
+        problem += f"; {delivery_problem}"
+    raise ConfigError(", ".join(missing), problem)
+
+
 def is_kubernetes_variable(env_name: str, defaults: Mapping[str, object]) -> bool:
     # An option's own name wins over the shape, so that no real setting is ever dropped.
     return env_name[len("KAFKA_"):].lower() not in defaults and \
@@ -711,6 +745,8 @@ def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> d
             raise ConfigError(source, f"unknown KafkaConsumer option {name!r}")
         try:
             options[name] = parse_kafka_option(name, text, defaults)
+            if name in _KAFKA_CHOICES:  # case-insensitive, as every choice of the spout's own
+                options[name] = parse_choice(*_KAFKA_CHOICES[name])(text)
         except ValueError as error:
             raise ConfigError(source, describe_value_error(error, text)) from None
         if name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile") and \
@@ -721,20 +757,23 @@ def collect_kafka_options(environ: Mapping[str, str], flags: Iterable[str]) -> d
 
 
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
+# KafkaConsumer options whose values are names: accepted in any case, given in kafka-python's.
+_KAFKA_CHOICES = {
+    "security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "sasl_mechanism": _SASL_MECHANISMS,
+    "isolation_level": ("read_committed", "read_uncommitted"),
+}
 
 
 def check_security(options: Mapping[str, object]) -> None:
     """What kafka-python would only find out at its first connection."""
     protocol = options.get("security_protocol", "PLAINTEXT")
-    if protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
-        raise ConfigError("KAFKA_SECURITY_PROTOCOL", f"{protocol!r} is not PLAINTEXT, SSL, "
-                          "SASL_PLAINTEXT or SASL_SSL")
     if not str(protocol).startswith("SASL"):
         return
     mechanism = options.get("sasl_mechanism")
-    if mechanism not in _SASL_MECHANISMS:
-        raise ConfigError("KAFKA_SASL_MECHANISM", f"{protocol} needs one of "
-                          f"{', '.join(_SASL_MECHANISMS)}, not {mechanism!r}")
+    if mechanism is None:
+        raise ConfigError("KAFKA_SASL_MECHANISM", f"required with {protocol}: one of "
+                          f"{', '.join(_SASL_MECHANISMS)}")
     if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
         for option in ("sasl_plain_username", "sasl_plain_password"):
             if not options.get(option):
@@ -952,6 +991,32 @@ def choose_mode(values: Mapping[str, object], sources: Mapping[str, str]) -> str
     return mode
 
 
+# What each optional feature imports, and the requirements file (and the Dockerfile's EXTRAS
+# word) that installs it: an image built without one refuses the setting at start.
+OPTIONAL_LIBRARIES = {
+    "parquet": ("FORMAT", ("pyarrow", "pyarrow.parquet")),
+    "decode": ("DECODE", ("confluent_kafka.schema_registry", "fastavro", "google.protobuf",
+                          "grpc_tools")),
+}
+
+
+def check_optional_libraries(config: Config) -> None:
+    """FORMAT=parquet and DECODE need libraries an image built with a smaller EXTRAS lacks:
+    say so at start, in one line, rather than at the first batch with a traceback."""
+    import importlib
+    wanted = [extra for extra, used in (("parquet", config.format == "parquet"),
+                                        ("decode", bool(config.decode))) if used]
+    for extra in wanted:
+        setting, modules = OPTIONAL_LIBRARIES[extra]
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                raise ConfigError(setting, f"needs {module.split('.')[0]}, which is not "
+                                  f"installed ({error}): pip install -r requirements-{extra}.txt"
+                                  f", or build the image with EXTRAS including {extra}") from None
+
+
 class _OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise ConfigError("command line", message)
@@ -970,7 +1035,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kafka", action="append", metavar="OPTION=VALUE",
                         help="any KafkaConsumer option, e.g. session_timeout_ms=6000 "
                              "(env KAFKA_<OPTION>, e.g. KAFKA_SESSION_TIMEOUT_MS)")
+    parser.add_argument("--version", action="store_true",
+                        help="print the spout's version and kafka-python's, then exit")
     return parser
+
+
+def version_line() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        kafka_python = version("kafka-python")
+    except PackageNotFoundError:
+        kafka_python = "not installed"
+    return (f"spout.py {__version__} (kafka-python {kafka_python}, Python "
+            f"{'.'.join(map(str, sys.version_info[:3]))})")
 
 
 # --------------------------------------------------------------------------- naming
@@ -4593,12 +4670,15 @@ class Spout:
         backoff = Backoff(self.stop, 1.0, CONNECT_BACKOFF_MAX)
         while True:
             self.refused_in_authentication = False
+            kafka_failures.cause = None
             try:
                 self.consumer = KafkaConsumer(**self.consumer_options())
                 self.monitor.kafka_reachable(True)
                 return True
             except KafkaError as error:
                 self.monitor.kafka_reachable(False)
+                if self.stop.is_set():
+                    return False
                 if self.refused_in_authentication or isinstance(
                         error, SaslAuthenticationFailedError):
                     log.warning("Kafka at %s refused this spout in SASL authentication "
@@ -4607,8 +4687,9 @@ class Spout:
                                 self.config.kafka_options.get("sasl_mechanism"), error,
                                 backoff.delay)
                 else:
-                    log.warning("cannot reach Kafka at %s (%s); retrying in %.0fs",
-                                self.config.broker_address, type(error).__name__,
+                    log.warning("cannot reach Kafka at %s: %s; retrying in %.0fs",
+                                self.config.broker_address,
+                                kafka_failures.cause or describe_kafka_failure(error),
                                 backoff.delay)
             try:
                 backoff.wait()
@@ -4873,10 +4954,12 @@ class Spout:
         if connected != self.connected:
             self.connected = connected
             if connected:
+                kafka_failures.cause = None
                 log.info("connected to Kafka at %s again", self.config.broker_address)
             else:
-                log.warning("lost contact with Kafka at %s; reconnecting with back-off",
-                            self.config.broker_address)
+                log.warning("lost contact with Kafka at %s%s; reconnecting with back-off",
+                            self.config.broker_address,
+                            f" ({kafka_failures.cause})" if kafka_failures.cause else "")
 
     # -- batching
     @property
@@ -5489,12 +5572,91 @@ class OneLineFormatter(logging.Formatter):
         return super().format(record).replace("\n", " ")
 
 
+class KafkaFailures(logging.Filter):
+    """kafka-python logs every failed try to reach a broker, one to four WARNING and ERROR
+    lines each, several a second (105 lines in 30 s against a closed port), and then raises
+    a bare KafkaTimeoutError that does not say why. This filter, on the loggers that say it,
+    keeps the latest cause for the spout's own line (Spout.connect, check_connection), and
+    lets those lines through only at LOG_LEVEL=DEBUG: the spout says it once per back-off.
+    It filters the handler, not the loggers, so that the loggers' own filters
+    (Spout.watch_kafka_python) still see every record."""
+
+    LOGGERS = ("kafka.net.manager", "kafka.net.connection", "kafka.net.inet",
+               "kafka.net.transport", "kafka.cluster", "kafka.coordinator")
+    NOISE = ("Connection failed: ", "Bootstrap ", "%s: Connection lost: ",
+             "%s: SaslHandshake failed: ", "DNS lookup failed for ", "%s: Abort (",
+             "%s: socket disconnected", "No node available for metadata refresh",
+             "Metadata refresh: failed ", "Error sending %s to node %s [%s]")
+    # Said of any failure, not only of a lost connection: noise only for a connection's.
+    IF_CONNECTION = ("Metadata refresh: failed ", "Error sending %s to node %s [%s]")
+    _DNS = re.compile(r"DNS lookup failed for (.*):\d+, \w+\(-?\d+, '(.*)'\)")
+
+    def __init__(self):
+        super().__init__()
+        self.quiet = True
+        self.cause: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if record.name not in self.LOGGERS or not message.startswith(self.NOISE):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        if message.startswith(self.IF_CONNECTION) and not (
+                args and type(args[-1]).__name__ in ("KafkaConnectionError",
+                                                     "NodeNotReadyError")):
+            return True
+        if message.startswith("DNS lookup failed for "):
+            found = self._DNS.match(message)
+            self.cause = f"name {found.group(1)} not resolved ({found.group(2)})" if found \
+                else "name not resolved"
+        elif message.startswith(("Connection failed: ", "%s: Connection lost: ",
+                                 "%s: Abort (")) and args:
+            cause = describe_kafka_failure(args[-1])
+            # The lookup's own line says more than the DNS failure it then raises.
+            if not (cause == "name not resolved" and str(self.cause).startswith("name ")):
+                self.cause = cause
+        elif message.startswith("%s: SaslHandshake failed: ") and args:
+            self.cause = f"SASL handshake refused ({args[-1]})"
+        return not self.quiet
+
+
+def describe_kafka_failure(error) -> str:
+    """Why a connection to a broker failed, in the user's words."""
+    name = type(error).__name__
+    args = getattr(error, "args", ())  # kafka-python's str() starts with the class's name
+    text = str(args[0]) if len(args) == 1 else str(error)
+    if "UnsupportedSaslMechanism" in name or "UnsupportedSaslMechanism" in text:
+        return f"the broker does not offer this SASL mechanism ({text or name})"
+    if "Authentication" in name or "Sasl" in name:
+        return f"SASL authentication failed ({text or name})"
+    if "Authorization" in name:
+        return f"not authorized ({text or name})"
+    if "ECONNREFUSED" in text or "Connection refused" in text:
+        return "connection refused"
+    if "DNS Resolution failure" in text:
+        return "name not resolved"
+    if text.startswith("Handshake failed: "):
+        return f"TLS handshake failed ({text[len('Handshake failed: '):]})"
+    if "ECONNRESET" in text or "Connection reset" in text:
+        return "connection reset by the broker"
+    if "EHOSTUNREACH" in text or "ENETUNREACH" in text:
+        return "no route to the host"
+    if "timed out" in text.lower():
+        return "connection timed out"
+    return f"{name}: {text}" if text else name
+
+
+kafka_failures = KafkaFailures()
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if log_format == "json" else
                          OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     log.setLevel(level)
+    kafka_failures.quiet = level != "DEBUG"
+    handler.addFilter(kafka_failures)
 
 
 CRC32C_PURE_PYTHON = "pure Python"
@@ -5519,8 +5681,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if "-h" in argv or "--help" in argv:
         build_arg_parser().print_help()
         return 0
+    if "--version" in argv:
+        print(version_line())
+        return 0
     try:
         config = Config.from_sources(environ, argv)
+        check_optional_libraries(config)
         if config.decode:
             # Here, not in Config: loading them is the test, and before the start-up line,
             # so that a refusal is the one line on stderr.

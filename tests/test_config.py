@@ -121,6 +121,16 @@ def test_help_lists_every_setting_with_its_default():
     ({"OUTPUT_PIPE": "/etc/hostname"}, (), "OUTPUT_PIPE: /etc/hostname is a regular file"),
     ({"OUTPUT_PIPE": "/tmp"}, (), "OUTPUT_PIPE: /tmp is a directory"),
     ({}, ("--output-pipe", "/nonexistent"), "--output-pipe: /nonexistent is missing"),
+    ({"BATCH_MAX_MESSAGES": "1.5"}, (), "BATCH_MAX_MESSAGES: '1.5' is not a whole number"),
+    ({"PORT": "9092.0"}, (), "PORT: '9092.0' is not a whole number"),
+    ({"KAFKA_SESSION_TIMEOUT_MS": "6000.5"}, (),
+     "KAFKA_SESSION_TIMEOUT_MS: '6000.5' is not a whole number"),
+    ({"DELIVERY": "pfs", "PACHD_ADDRESS": "ftp://pachd:30650"}, (),
+     "PACHD_ADDRESS: 'ftp://pachd:30650': scheme 'ftp' is not grpc, grpcs, http or https"),
+    ({"DELIVERY": "pfs", "PACHD_ADDRESS": "pachd"}, (),
+     "PACHD_ADDRESS: 'pachd' is not [grpc://|grpcs://|http://|https://]host:port"),
+    ({"KAFKA_ISOLATION_LEVEL": "serializable"}, (),
+     "KAFKA_ISOLATION_LEVEL: must be one of read_committed, read_uncommitted"),
 ])
 def test_bad_settings_exit_2_with_one_line_naming_the_culprit(base, change, args, culprit):
     env = {k: v for k, v in {**base, **change}.items() if v is not None}
@@ -185,3 +195,50 @@ def test_logged_errors_stay_on_one_line_without_tracebacks():
         logger.removeHandler(handler)
     assert stream.getvalue() == ("ERROR kafka.test-one-line: Error receiving data   "
                                  "(ConnectionResetError: [Errno 104] Connection reset by peer)\n")
+
+
+def test_every_missing_required_setting_is_named_at_once(tmp_path):
+    result = run_spout({"OUTPUT_PIPE": str(tmp_path / "none")})
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(
+        "spout.py: error: HOST, PORT, TOPIC: required (HOST and PORT, or BOOTSTRAP_SERVERS; "
+        "TOPIC, or TOPIC_PATTERN); OUTPUT_PIPE: ")
+    assert "is missing; it must be a named pipe" in result.stderr
+    result = run_spout({"PORT": "9092", "OUTPUT_PIPE": str(tmp_path / "none")})
+    assert result.stderr.startswith("spout.py: error: HOST, TOPIC: required (HOST, or "
+                                    "BOOTSTRAP_SERVERS; TOPIC, or TOPIC_PATTERN)")
+
+
+@pytest.mark.parametrize("env, field, value", [
+    ({"FORMAT": "JSON"}, "format", "json"),
+    ({"FORMAT": "Raw+Meta"}, "format", "raw+meta"),
+    ({"LOG_LEVEL": "error"}, "log_level", "ERROR"),
+    ({"LOG_LEVEL": "debug"}, "log_level", "DEBUG"),
+    ({"AUTO_OFFSET_RESET": "LATEST"}, "auto_offset_reset", "latest"),
+    ({"MODE": "Group"}, "mode", "group"),
+    ({"DECODE": "NONE"}, "decode", ()),
+    ({"LOG_FORMAT": "JSON"}, "log_format", "json"),
+])
+def test_choices_are_taken_in_any_case_and_given_in_the_canonical_one(base, env, field, value):
+    assert getattr(spout.Config.from_sources({**base, **env}), field) == value
+
+
+def test_kafka_option_names_are_taken_in_any_case(base):
+    config = spout.Config.from_sources({
+        **base, "KAFKA_SECURITY_PROTOCOL": "sasl_plaintext", "KAFKA_SASL_MECHANISM": "plain",
+        "KAFKA_SASL_PLAIN_USERNAME": "u", "KAFKA_SASL_PLAIN_PASSWORD": "p",
+        "KAFKA_ISOLATION_LEVEL": "READ_UNCOMMITTED"})
+    assert config.kafka_options["security_protocol"] == "SASL_PLAINTEXT"
+    assert config.kafka_options["sasl_mechanism"] == "PLAIN"
+    assert config.kafka_options["isolation_level"] == "read_uncommitted"
+
+
+def test_log_level_error_shows_errors_only(base):
+    assert spout.Config.from_sources({**base, "LOG_LEVEL": "ERROR"}).log_level == "ERROR"
+
+
+def test_version_prints_one_line_and_exits_0():
+    result = run_spout({}, "--version")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == spout.version_line() + "\n"
+    assert result.stdout.startswith(f"spout.py {spout.__version__} (kafka-python 3.0.12, Python")

@@ -204,12 +204,12 @@ def test_a_parquet_file_per_run_of_one_schema_tombstones_riding_along():
 
 
 def test_the_readme_example_spec_parses_strictly_and_configures_decode(tmp_path):
-    """The "Schema Registry" section's spec: as pachctl 2.x parses it, and its environment as
+    """docs/schema-registry.md's spec: as pachctl 2.x parses it, and its environment as
     the spout reads it once the secret is mounted."""
     from conftest import ROOT
     from pachyderm_sdk.api import pps
     from test_packaging import check_message
-    section = (ROOT / "README.md").read_text().split("## Schema Registry", 1)[1]
+    section = (ROOT / "docs" / "schema-registry.md").read_text()
     raw = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
     check_message(pps.CreatePipelineRequest, raw, "")   # protojson: unknown fields fail
     request = pps.CreatePipelineRequest().from_dict(raw)

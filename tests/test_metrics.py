@@ -363,10 +363,10 @@ def test_a_port_in_use_is_one_line_and_exit_2(broker, topic, fifo):
     assert "Traceback" not in result.stderr
 
 
-# -- the README's spec example
+# -- docs/operations.md's spec example
 def readme_service_example() -> dict:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Exposing the port from a pipeline", 1)[1]
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    section = operations.split("## Exposing the port from a pipeline", 1)[1]
     return json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
 
 

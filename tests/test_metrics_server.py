@@ -15,7 +15,7 @@ from test_metrics import healthz, metrics_env, serving
 import spout
 
 FLOOD = 300
-# README: at most 32 clients served at once (64 threads while cut-off ones end), each let go
+# docs/operations.md: at most 32 clients served at once (64 threads while cut-off ones end), each let go
 # after 5 s idle; plus 8 for the spout's own threads started meanwhile (kafka-python's).
 THREADS_OVER_BASELINE = 2 * 32 + 8
 IDLE_SECONDS = 5

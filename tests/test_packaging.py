@@ -48,7 +48,8 @@ def test_dockerfile_contract():
     for sources in copies:
         for source in sources[:-1]:
             assert (ROOT / source).exists(), f"COPY {source}: no such file"
-    requirements_at = copies.index(["requirements.txt", "."])
+    requirements_at = copies.index(["requirements.txt", "requirements-parquet.txt",
+                                    "requirements-decode.txt", "./"])
     code_at = copies.index(["spout.py", "."])
     install = next(i for i, (kind, args) in enumerate(steps)
                    if kind == "RUN" and "pip install" in args)
@@ -62,6 +63,57 @@ def test_dockerfile_contract():
     cmd = json.loads(dict(steps)["CMD"])  # exec form
     workdir = dict(steps)["WORKDIR"]
     assert cmd == ["python", f"{workdir}/{SPOUT.name}"]
+
+
+def test_the_build_context_is_the_images_files_only():
+    """.dockerignore: everything out (the 800 MB .venv above all) but what COPY takes."""
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert patterns[0] == "*"
+    included = {pattern[1:] for pattern in patterns[1:] if pattern.startswith("!")}
+    copied = {source for kind, args in dockerfile_instructions() if kind == "COPY"
+              for source in args.split()[:-1]}
+    assert included == copied
+    assert not any(name.startswith((".venv", ".cache", "demo-out")) for name in included)
+
+
+def test_the_extras_build_argument_names_the_optional_requirements():
+    """EXTRAS: its default installs every optional requirements file, each word one
+    requirements-<word>.txt, and the spout knows what each is for."""
+    arg = next(args for kind, args in dockerfile_instructions() if kind == "ARG")
+    name, default = arg.split("=", 1)
+    assert name == "EXTRAS"
+    extras = json.loads(default).split()
+    assert sorted(extras) == sorted(spout.OPTIONAL_LIBRARIES)
+    assert sorted(path.name for path in ROOT.glob("requirements-*.txt")
+                  if path.name != "requirements-dev.txt") == \
+        sorted(f"requirements-{extra}.txt" for extra in extras)
+    install = next(args for kind, args in dockerfile_instructions()
+                   if kind == "RUN" and "pip install" in args)
+    assert 'for extra in $EXTRAS; do set -- "$@" -r "requirements-$extra.txt"' in install
+    # The Makefile's venv has them all: the suite runs every feature.
+    makefile = (ROOT / "Makefile").read_text()
+    for extra in extras:
+        assert f"-r requirements-{extra}.txt" in makefile
+
+
+@pytest.mark.parametrize("env, culprit", [
+    ({"FORMAT": "parquet"}, "FORMAT: needs pyarrow, which is not installed"),
+    ({"DECODE": "value", "SCHEMA_REGISTRY_URL": "http://registry:8081", "FORMAT": "json"},
+     "DECODE: needs fastavro, which is not installed"),
+])
+def test_an_image_without_an_extra_refuses_its_setting_at_start(fifo, tmp_path, env, culprit):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for module in ("pyarrow", "fastavro"):
+        (hidden / f"{module}.py").write_text("raise ImportError('not in this image')\n")
+    result = subprocess.run(
+        [sys.executable, str(SPOUT)], capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(hidden), "BOOTSTRAP_SERVERS": "k:9092",
+             "TOPIC": "t", "OUTPUT_PIPE": str(fifo), **env})
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert culprit in result.stderr
+    assert "-r requirements-" in result.stderr and "EXTRAS" in result.stderr
 
 
 def create_pipeline_request():
@@ -299,11 +351,11 @@ def test_the_strict_v2_walk_rejects_what_protojson_rejects(spec, culprit):
         check_message(pps.CreatePipelineRequest, spec, "")
 
 
-def test_readme_documents_every_setting():
-    readme = (ROOT / "README.md").read_text()
+def test_the_configuration_page_documents_every_setting():
+    """tests/test_docs.py checks it both ways; here, the simple half beside the specs."""
+    page = (ROOT / "docs" / "configuration.md").read_text()
     for setting in spout.SETTINGS:
-        assert f"`{setting.env}`" in readme and f"`{setting.flag}`" in readme
-    assert "make test" in readme and "make demo" in readme
+        assert f"`{setting.env}`" in page and f"`{setting.flag}`" in page
 
 
 def test_v2_spec_environment_is_a_valid_pfs_configuration(tmp_path):

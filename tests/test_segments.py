@@ -312,7 +312,7 @@ def commit_group_offsets(bootstrap: str, group: str, topic: str, offsets: dict) 
 
 def test_group_mode_replay_rewrites_the_file_of_its_first_offset(broker, fifo, spouts,
                                                                  readers):
-    """What the README says a 1.x group-mode replay does: the replayed batch's segment
+    """What docs/formats.md says a 1.x group-mode replay does: the replayed batch's segment
     replaces the file named by its first offset; files of later offsets written before stay,
     so their messages are then in two files. Nothing is lost."""
     from conftest import committed_offsets

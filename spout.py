@@ -4160,18 +4160,23 @@ def _source_has(function, *lines: str) -> bool:
 
 
 def patch_kafka_python() -> None:
-    """Two fixes of kafka-python 3.0.12, applied once, before the first consumer:
+    """Three fixes of kafka-python 3.0.12, applied once, before the first consumer:
 
     1. A header key that is not UTF-8 (kafka/record/default_records.py,
        DefaultRecordBatch._read_msg decodes it strictly) made the record unreadable: its
        UnicodeDecodeError became a CorruptRecordError. Such a record now reads, the key kept
-       as HeaderKeyBytes (README, "Formats").
+       as HeaderKeyBytes (docs/formats.md).
     2. Any record that cannot be read hung poll() at 100% CPU, deaf to SIGTERM
        (kafka/consumer/fetcher.py): the PartitionRecords whose generator raised stays
        undrained, its take() then returns [] forever, and Fetcher.fetched_records loops while
        records_remaining > 0. It is now drained once its error is raised, as the Java consumer
        does: the partition is fetched again at the same offset, and poll() raises again, each
        time, until someone seeks past it. Upstream-compatible: nothing else changes.
+    3. A TLS handshake with a peer that never answers (KAFKA_SECURITY_PROTOCOL=SSL aimed at a
+       plaintext port) waited forever (kafka/net/transport.py, KafkaSSLTransport.handshake
+       waits for the socket without a deadline): the consumer's constructor never returned
+       and SIGTERM went unheard. The wait now ends after TLS_HANDSHAKE_SECONDS, as a failed
+       handshake, which the spout reports and retries with back-off.
     """
     import kafka
     from kafka.consumer.fetcher import Fetcher
@@ -4201,6 +4206,25 @@ def patch_kafka_python() -> None:
     else:
         log.warning("kafka-python's DefaultRecordBatch._read_msg is not 3.0.12's: header "
                     "keys that are not UTF-8 stay unreadable")
+    from kafka.net.transport import KafkaSSLTransport
+    if _source_has(KafkaSSLTransport.handshake, "await self._net.wait_read(self._sock)",
+                   "await self._net.wait_write(self._sock)"):
+        import ssl
+
+        async def handshake(self):
+            timeout_at = time.monotonic() + TLS_HANDSHAKE_SECONDS
+            while True:
+                try:
+                    self._sock.do_handshake()
+                    return
+                except ssl.SSLWantReadError:
+                    await self._net.wait_read(self._sock, timeout_at)
+                except ssl.SSLWantWriteError:
+                    await self._net.wait_write(self._sock, timeout_at)
+        KafkaSSLTransport.handshake = handshake
+    else:
+        log.warning("kafka-python's KafkaSSLTransport.handshake is not 3.0.12's: a broker "
+                    "that never answers the TLS handshake may hang the spout")
     partition_records = Fetcher.PartitionRecords
     take = partition_records.take
     if _source_has(take, "self._next_inline_exception = e") and \
@@ -4229,6 +4253,9 @@ COMMIT_RETRY_SECONDS = 2.0
 # A newly assigned partition's committed offset: a broker that takes longer is out of reach,
 # and the loop must keep answering a stop.
 RESOLVE_TIMEOUT_MS = 5000
+# A TLS handshake with a broker takes milliseconds; one that no answer comes to is a port
+# without TLS, or no broker at all.
+TLS_HANDSHAKE_SECONDS = 5.0
 # START_AT and STOP_AT's offsets from the broker (ListOffsets), once per partition assigned.
 BOUND_TIMEOUT_MS = 10_000
 # Group commits are for restarts and lag, not for delivery: once a second is plenty, and a

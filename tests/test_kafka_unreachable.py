@@ -46,6 +46,44 @@ def test_kafka_pythons_own_lines_are_there_at_debug(fifo, spouts):
     assert "connection refused; retrying in" in attempts(process.log)[0]
 
 
+def test_tls_to_a_peer_that_never_answers_is_a_failed_handshake_and_sigterm_stops_it(
+        fifo, spouts, tmp_path):
+    """KAFKA_SECURITY_PROTOCOL=SSL aimed at a port that never answers the handshake (a
+    plaintext listener, or no Kafka): kafka-python 3.0.12 waited for it forever, and the
+    spout never heard SIGTERM."""
+    import socket
+    import threading
+    import time
+    from test_decoding_hostile import certificate_and_key
+    cafile, _key = certificate_and_key(tmp_path)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=accept, daemon=True).start()
+    bootstrap = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        process = spouts(spout_env(bootstrap, "events", fifo, LOG_LEVEL="INFO",
+                                   KAFKA_SECURITY_PROTOCOL="SSL", KAFKA_SSL_CAFILE=cafile))
+        wait_until(lambda: attempts(process.log), 30, "a handshake given up")
+        assert f"cannot reach Kafka at {bootstrap}: TLS handshake failed" in \
+            attempts(process.log)[0], process.log
+        started = time.monotonic()
+        assert process.stop() == 0, process.log
+        assert time.monotonic() - started < 10
+    finally:
+        silent.close()
+        for connection in held:
+            connection.close()
+
+
 def test_no_retry_announced_after_a_stop_request(fifo, spouts):
     process = spouts(spout_env(f"127.0.0.1:{free_port()}", "events", fifo, LOG_LEVEL="INFO"))
     wait_until(lambda: "starting:" in process.log, 30, "the start-up line")

@@ -1701,7 +1701,7 @@ def _protobuf_value(field, value):
 
 def json_document_default(value):
     """json.dumps' fallback for what decoders give beyond JSON's types: one stable form each
-    (README, "Schema Registry")."""
+    (docs/schema-registry.md)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, datetime.datetime):
@@ -2495,7 +2495,7 @@ class ParquetWriter:
         for record in records:
             for name, value in record.headers or ():
                 # A string column: a key that is not UTF-8 goes in as the JSON text that
-                # FORMAT=json gives it, {"base64": "..."} (README).
+                # FORMAT=json gives it, {"base64": "..."} (docs/formats.md).
                 keys.append(name if isinstance(name, str) else _json_bytes_text(name))
                 values.append(value)
             ends.append(len(keys))
@@ -2645,7 +2645,7 @@ def parquet_schema_key(schemas: SchemaCache, record):
 def parquet_value_type(pa, schemas: SchemaCache, key) -> tuple:
     """(Arrow type, converter or None) of the value column for a schema_key. Any Avro schema
     has one, not only a record: a "string", a union, an array or a map is that type's column
-    (README, "Schema Registry")."""
+    (docs/schema-registry.md)."""
     if key is None:
         return pa.null(), None
     schema = schemas.schemas[key[0]]

@@ -322,6 +322,16 @@ def parse_read_bound(*words: str) -> Callable[[str], ReadBound]:
     return parse
 
 
+def check_partition_split(values: dict, sources: Mapping[str, str]) -> None:
+    """PARTITIONS belongs to exactly-once, RESUME_FROM to the 2.x delivery."""
+    if "partitions" in values and values["mode"] != "exactly-once":
+        raise ConfigError(sources["partitions"], "partition sets are for exactly-once mode: "
+                          "in group mode the consumer group shares the partitions")
+    if "resume_from" in values and values["delivery"] != "pfs":
+        raise ConfigError(sources["resume_from"], "reads other repos' records through pachd: "
+                          "Pachyderm 2.x (DELIVERY=pfs) only")
+
+
 def check_read_bounds(values: dict, sources: Mapping[str, str], defaulted: set) -> None:
     """START_AT against AUTO_OFFSET_RESET, STOP_AT against the mode and START_AT."""
     start, stop = values.get("start_at"), values.get("stop_at")
@@ -354,6 +364,43 @@ def parse_output_repo(text: str) -> RepoBranch:
                          "'_' and '-' in each name)")
     project, repo, branch = match.groups()
     return RepoBranch(project or "default", repo, branch or "master")
+
+
+def parse_partition_set(text: str) -> frozenset:
+    """PARTITIONS: numbers and ranges, e.g. 0-3,8."""
+    numbers: set[int] = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        first, dash, last = item.partition("-")
+        if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
+            raise ValueError(f"{item!r} is not a partition number or a range such as 0-3")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"{item!r} ends before it starts")
+        numbers.update(range(low, high + 1))
+    if not numbers:
+        raise ValueError(f"{text!r} names no partition")
+    return frozenset(numbers)
+
+
+def parse_repo_list(text: str) -> tuple[RepoBranch, ...]:
+    """RESUME_FROM: project/repo@branch,..."""
+    repos = tuple(parse_output_repo(item) for item in text.split(",") if item.strip())
+    if not repos:
+        raise ValueError(f"{text!r} names no repo")
+    return repos
+
+
+def describe_partition_set(partitions: frozenset) -> str:
+    runs, numbers = [], sorted(partitions)
+    start = previous = numbers[0]
+    for number in numbers[1:] + [None]:
+        if number is not None and number == previous + 1:
+            previous = number
+            continue
+        runs.append(str(start) if start == previous else f"{start}-{previous}")
+        if number is not None:
+            start = previous = number
+    return ",".join(runs)
 
 
 def describe_value_error(error: ValueError, text: str) -> str:
@@ -415,6 +462,14 @@ SETTINGS: tuple[Setting, ...] = (
             "consumer group (default: $PPS_PIPELINE_NAME, else kafka-spout)"),
     Setting("AUTO_OFFSET_RESET", "auto_offset_reset", parse_choice("earliest", "latest"),
             "earliest", "where partitions without a committed offset start"),
+    Setting("PARTITIONS", "partitions", parse_partition_set, None,
+            "exactly-once: the partitions this spout owns, the same numbers in every topic, "
+            "e.g. 0-3,8; several spouts, each its own pipeline and repo, split a topic "
+            "between them (partitions added later are taken only if named)"),
+    Setting("RESUME_FROM", "resume_from", parse_repo_list, None,
+            "2.x: project/repo@branch,... of the spouts a new split replaces: a partition with "
+            "no record in this spout's repo starts where the newest records of those repos "
+            "leave it (the largest offset)"),
     Setting("START_AT", "start_at", parse_read_bound("earliest", "latest"), None,
             "where a partition with no record (group mode: and no committed offset) starts: "
             "earliest, latest, an ISO-8601 time with its zone (the first offset at or after "
@@ -547,6 +602,8 @@ class Config:
     mode: str = "group"
     group_id: str = "kafka-spout"
     auto_offset_reset: str = "earliest"
+    partitions: frozenset | None = None
+    resume_from: tuple[RepoBranch, ...] = ()
     start_at: ReadBound | None = None
     stop_at: ReadBound | None = None
     in_pipeline: bool = False   # PPS_PIPELINE_NAME is set: Pachyderm restarts a spout that exits
@@ -629,6 +686,7 @@ class Config:
         values.update(pachd)
         values["mode"] = choose_mode(values, sources)
         check_read_bounds(values, sources, defaulted)
+        check_partition_split(values, sources)
         values["in_pipeline"] = bool(environ.get("PPS_PIPELINE_NAME"))
         values["kafka_options"] = MappingProxyType(
             collect_kafka_options(environ, args.kafka or ()))
@@ -672,6 +730,9 @@ class Config:
         fields["output_repo"] = str(self.output_repo) if self.output_repo else None
         for name in ("start_at", "stop_at"):
             fields[name] = None if fields[name] is None else str(fields[name])
+        if self.partitions is not None:
+            fields["partitions"] = describe_partition_set(self.partitions)
+        fields["resume_from"] = tuple(map(str, self.resume_from))
         for name in ("schema_registry_user_info", "schema_registry_bearer_token"):
             fields[name] = "***" if fields[name] else None
         fields["schema_registry_url"] = tuple(map(mask_url, self.schema_registry_url))
@@ -1027,7 +1088,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="spout.py",
         description="Stream Kafka topics into a Pachyderm spout's output repo: commits "
                     "through pachd (2.x) or archives through the named pipe (1.x). Every "
-                    "setting comes from the environment variable in capitals; the flag wins.")
+                    "setting comes from the environment variable in capitals; the flag wins.",
+        epilog="Scaling out: one spout (exactly-once) takes every partition, one core's "
+               "worth. PARTITIONS splits a topic between several exactly-once spouts, each "
+               "its own pipeline and repo: every message still lands once, and changing the "
+               "split is a planned step (RESUME_FROM). MODE=group lets Kafka share the "
+               "partitions and hand a dead spout's to the others, at the price of a batch "
+               "landing twice across a rebalance. docs/scaling.md has the details.")
     for setting in SETTINGS:
         default = f" [{setting.default}]" if setting.default is not None else ""
         parser.add_argument(setting.flag, dest=setting.field, metavar=setting.env,
@@ -3280,6 +3347,10 @@ class Delivery:
         out of time) first, leaving nothing half-delivered behind."""
         raise NotImplementedError
 
+    def records_of(self, repos: Sequence[RepoBranch]) -> list[Record]:
+        """The newest record of each of these other repos (RESUME_FROM), read only."""
+        return []
+
     def held(self, final: bool = False) -> list[Outgoing]:
         """The batches Pachyderm holds since the last call, oldest first."""
         raise NotImplementedError
@@ -3431,17 +3502,23 @@ class PachdClient:
             except self.grpc.FutureTimeoutError:
                 continue
 
-    def head(self, deadline: float | None):
-        """The branch head, or None while the branch does not exist: pachd's CreateRepo makes
-        no branch, and the first StartCommit creates it. A missing repo stays NOT_FOUND."""
-        request = self.pfs.InspectBranchRequest(branch=self.branch)
+    def branch_of(self, repo: RepoBranch):
+        return self.pfs.Branch(repo=self.pfs.Repo(name=repo.repo, type="user", project=(
+            self.pfs.Project(name=repo.project))), name=repo.branch)
+
+    def head(self, deadline: float | None, branch=None):
+        """The branch head (this spout's, unless another is given), or None while the branch
+        does not exist: pachd's CreateRepo makes no branch, and the first StartCommit creates
+        it. A missing repo stays NOT_FOUND."""
+        branch = branch or self.branch
+        request = self.pfs.InspectBranchRequest(branch=branch)
         try:
             return self.call(self._inspect_branch, request, deadline).head
         except self.grpc.RpcError as error:
             if error.code() != self.grpc.StatusCode.NOT_FOUND:
                 raise
         # NOT_FOUND names the repo or the branch alike; the repo's own answer tells them apart.
-        self.call(self._inspect_repo, self.pfs.InspectRepoRequest(repo=self.repo), deadline)
+        self.call(self._inspect_repo, self.pfs.InspectRepoRequest(repo=branch.repo), deadline)
         return None
 
     def inspect_commit(self, commit, deadline: float | None):
@@ -3527,15 +3604,22 @@ class PfsDelivery(Delivery):
 
     # -- start
     def start(self) -> Record:
-        import grpc
         self.client = PachdClient(self.address, self.config.pach_token,
                                   self.config.pach_root_certs, self.repo, self.stop)
+        return self._reachable(self._read_record)
+
+    def records_of(self, repos: Sequence[RepoBranch]) -> list[Record]:
+        return self._reachable(lambda: [self._newest_record(repo) for repo in repos])
+
+    def _reachable(self, read: Callable):
+        """read(), retried with back-off while pachd cannot be reached."""
+        import grpc
         backoff = Backoff(self.stop, 1.0, PACHD_BACKOFF_MAX)
         while True:
             try:
-                record = self._read_record()
+                result = read()
                 self.unreachable_since = None
-                return record
+                return result
             except grpc.RpcError as error:
                 refused = self.refused(error)
                 if refused:
@@ -3587,6 +3671,35 @@ class PfsDelivery(Delivery):
             return Record([], {})
         log.info("no kafka-spout commit on %s yet: partitions start from the group's "
                  "offsets, else AUTO_OFFSET_RESET", self.repo)
+        return Record([], {})
+
+    def _newest_record(self, repo: RepoBranch) -> Record:
+        """Another repo's newest kafka-spout record, read only: an open commit there (its
+        spout killed mid-commit, or not stopped) holds nothing yet and is passed over,
+        never dropped."""
+        import grpc
+        try:
+            commit = self.client.head(None, self.client.branch_of(repo))
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise ConfigError("RESUME_FROM", f"repo {repo.project}/{repo.repo} does not exist "
+                              f"on pachd at {self.address} ({error.details()})") from None
+        for _ in range(RECORD_SEARCH_COMMITS):
+            if commit is None or not commit.id:
+                break
+            info = self.client.inspect_commit(commit, None)
+            if not commit_is_open(info):
+                try:
+                    record = record_from_description(info.description or "")
+                except ValueError as error:
+                    raise ConfigError("RESUME_FROM", f"commit {commit.id} of {repo}: "
+                                      f"{error}") from None
+                if record is not None:
+                    return record
+            commit = info.parent_commit
+        log.warning("RESUME_FROM: no kafka-spout record among the newest %d commits of %s",
+                    RECORD_SEARCH_COMMITS, repo)
         return Record([], {})
 
     # -- delivery
@@ -4348,6 +4461,20 @@ class Ledger:
                                for key, offset in (stops or {}).items()}
         self.closed_stops = dict(self.recorded_stops) if closed else None
 
+    def resumed(self, positions: Mapping, stops: Mapping) -> dict:
+        """RESUME_FROM: where other repos' records leave partitions this record lacks; those
+        repos hold all before. Returns what was taken."""
+        from kafka import TopicPartition
+        taken = {}
+        for key, offset in positions.items():
+            tp = TopicPartition(*key)
+            if tp not in self.partitions:
+                self.partitions[tp] = Progress(offset)
+                taken[tp] = offset
+                if key in stops and tp not in self.recorded_stops:
+                    self.recorded_stops[tp] = stops[key]
+        return taken
+
     def started(self, tp, offset: int) -> None:
         """Exactly-once: tp is this spout's from offset on (its record, else the group's
         offset or the reset): all before it is held, or was never to be taken."""
@@ -4583,6 +4710,7 @@ class Spout:
         self.consumer = None
         self.monitor = Monitor()   # main() puts a MetricsMonitor here when METRICS_PORT is set
         self.out_of_range: deque = deque()  # (partition, from, to) reset by kafka-python
+        self.missing_reported: set = set()  # PARTITIONS named, absent from their topic
         self.refused_in_authentication = False
 
     # -- Kafka
@@ -4760,8 +4888,32 @@ class Spout:
         if topics and self.config.topics and sorted(topics) != sorted(self.config.topics):
             log.info("the record was written for topics %s; resuming those still configured",
                      ",".join(topics))
-        self.ledger.recorded(positions, getattr(record, "stops", None),
-                             getattr(record, "closed", False))
+        stops = getattr(record, "stops", None)
+        if self.config.partitions is not None:  # its record holds its partitions only
+            positions = self.owned_only(positions)
+            stops = stops and self.owned_only(stops)
+        self.ledger.recorded(positions, stops, getattr(record, "closed", False))
+
+    def owned_only(self, offsets: Mapping) -> dict:
+        return {key: offset for key, offset in offsets.items()
+                if key[1] in self.config.partitions}
+
+    def adopt_resume_records(self, records: list[Record]) -> None:
+        """RESUME_FROM: a partition this spout's record lacks starts where the spouts it
+        replaces left it, the largest offset their newest records give; their stops go too."""
+        resume, stops = {}, {}
+        for record in records:
+            for key, offset in record[1].items():
+                resume[key] = max(offset, resume.get(key, offset))
+            for key, offset in (getattr(record, "stops", None) or {}).items():
+                stops[key] = max(offset, stops.get(key, offset))
+        if self.config.partitions is not None:
+            resume, stops = self.owned_only(resume), self.owned_only(stops)
+        taken = self.ledger.resumed(resume, stops)
+        if taken:
+            log.info("RESUME_FROM %s: %s", ",".join(map(str, self.config.resume_from)),
+                     ", ".join(f"{topic}/{partition}@{offset}"
+                               for (topic, partition), offset in sorted(taken.items())))
 
     def bound_offsets(self, bound: ReadBound, partitions: list) -> dict:
         """Each partition's offset for START_AT or STOP_AT; None where explicit offsets do not
@@ -4823,6 +4975,9 @@ class Spout:
                                        if self.config.wants_topic(t)))
         wanted = {TopicPartition(topic, partition) for topic in self.topics
                   for partition in self.consumer.partitions_for_topic(topic) or ()}
+        if self.config.partitions is not None:
+            wanted = {tp for tp in wanted if tp.partition in self.config.partitions}
+            self.report_missing_partitions(wanted)
         owned = self.ledger.owned()
         gone = owned - wanted
         if gone:  # deleted, or only missing from metadata for now: ask afresh
@@ -4860,6 +5015,20 @@ class Spout:
                                               f"{self.ledger[tp].held}" for tp in sorted(new)))
             if self.config.stop_at is not None:
                 self.set_stops(sorted(new), first)
+
+    def report_missing_partitions(self, found: set) -> None:
+        """PARTITIONS names partitions a topic does not have (yet): said once, waited for."""
+        for topic in self.topics:
+            for partition in sorted(self.config.partitions):
+                tp = (topic, partition)
+                if tp in found:
+                    continue
+                if tp in self.missing_reported:
+                    log.debug("PARTITIONS: %s/%d still absent", topic, partition)
+                else:
+                    self.missing_reported.add(tp)
+                    log.warning("PARTITIONS names %s/%d, which the topic does not have: "
+                                "taken once it appears", topic, partition)
 
     def on_revoked(self, revoked: set) -> None:
         """Drops the batched messages of revoked partitions: not written yet, so whoever owns
@@ -5024,6 +5193,8 @@ class Spout:
         self.watch_kafka_python()
         try:
             self.adopt_record(self.delivery.start())
+            if self.config.resume_from:
+                self.adopt_resume_records(self.delivery.records_of(self.config.resume_from))
         except Stopped:
             log.info("stopped before Pachyderm was reachable")
             return 0

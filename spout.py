@@ -6093,11 +6093,16 @@ def check_gaps_in_kafka(report: dict, settings: ToolSettings) -> None:
     """Reads each gap back; a gap Kafka holds nothing in is no longer a problem."""
     if not report["gaps"]:
         return
+    from kafka.errors import KafkaError
     consumer = kafka_gap_reader(settings)
     try:
         for gap in report["gaps"]:
             gap["kafka"] = read_gap(consumer, Gap(**{field: gap[field]
                                                       for field in Gap._fields}))
+    except KafkaError as error:
+        raise ConfigError("BOOTSTRAP_SERVERS", f"reading gaps back from Kafka at "
+                          f"{','.join(settings.bootstrap_servers)} failed "
+                          f"({describe_kafka_failure(error)})") from None
     finally:
         consumer.close()
 
@@ -6225,7 +6230,9 @@ def segment_row(data: bytes, path: str, offset: int) -> int | None:
     """The row of a JSON Lines or Parquet segment holding the offset (0 the first)."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
-        offsets = pq.read_table(io.BytesIO(data), columns=["offset"]).column(0).to_pylist()
+        # use_threads=False: pyarrow's pool torn down beside gRPC's threads can abort the exit
+        offsets = pq.read_table(io.BytesIO(data), columns=["offset"],
+                                use_threads=False).column(0).to_pylist()
         return offsets.index(offset) if offset in offsets else None
     for row, line in enumerate(data.splitlines()):
         try:

@@ -300,3 +300,14 @@ def test_a_gap_one_repo_leaves_another_fills_is_none_and_markers_leave_gaps():
     assert [(g.repo, g.first, g.end, g.after, g.commit) for g in gaps] == \
         [("a", 30, 31, "a1", "a2")]
     assert spout.find_overlaps(holdings) == []
+
+
+def test_an_unreachable_broker_for_gaps_exits_2(pachd, tmp_path):
+    from conftest import free_port
+    craft(pachd, "holey", [({("t", 0): (0, 10)}, {("t", 0): 10}),
+                           ({("t", 0): (20, 30)}, {("t", 0): 30})])
+    result = tool(pachd, tmp_path, "verify", "holey",
+                  BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("spout.py: error: BOOTSTRAP_SERVERS: ")

@@ -478,8 +478,50 @@ def spout_pachd(bootstrap: str, topic: str, count: int, group: bool = False,
             "cpu_us_per_msg": used / (count - first) * 1e6}
 
 
+def spouts_split(bootstrap: str, topic: str, count: int, group: bool = False,
+                 profile: str | None = None, script: Path | None = None,
+                 format: str | None = None) -> dict:
+    """PARTITIONS: one exactly-once spout per partition, each into a FIFO of its own read by
+    a drain, side by side: the aggregate rate from the first message any drain sees to the
+    last, and their CPU per message together (one spout alone is the `spout 1.x pipe` row)."""
+    expected = [count // PARTITIONS + (p < count % PARTITIONS) for p in range(PARTITIONS)]
+    readers, processes = [], []
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            for partition in range(PARTITIONS):
+                fifo = os.path.join(work, f"out-{partition}")
+                os.mkfifo(fifo)
+                readers.append(subprocess.Popen(
+                    [sys.executable, __file__, "_drain", fifo, str(expected[partition]),
+                     "offsets"], stdout=subprocess.PIPE, text=True))
+                settings = dict(BOOTSTRAP_SERVERS=bootstrap, TOPIC=topic, OUTPUT_PIPE=fifo,
+                                LOG_LEVEL="WARNING", MARKER="offsets",
+                                PARTITIONS=str(partition),
+                                GROUP_ID=f"bench-{os.getpid()}-{time.time()}-{partition}")
+                processes.append(subprocess.Popen([sys.executable,
+                                                   str(script or SPOUT_SCRIPT)],
+                                                  env=bench_env(**settings)))
+            firsts = []
+            for reader in readers:
+                _, first_at, first = reader.stdout.readline().split()
+                firsts.append((float(first_at), int(first)))
+            cpu = sum(proc_cpu(process.pid) for process in processes)
+            done = [float(reader.stdout.readline().split()[1]) for reader in readers]
+            used = sum(proc_cpu(process.pid) for process in processes) - cpu
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+            for reader in readers:
+                reader.communicate(timeout=30)
+    seconds = max(done) - min(first_at for first_at, _ in firsts)
+    counted = count - sum(first for _, first in firsts)
+    return {"msg_per_s": counted / seconds, "cpu_us_per_msg": used / counted * 1e6}
+
+
 PEERS = {"kafka-python": subprocess_row("bare"), "confluent-kafka": subprocess_row("confluent")}
-DELIVERIES = {"spout 1.x pipe": spout_pipe, "spout 2.x pachd": spout_pachd}
+DELIVERIES = {"spout 1.x pipe": spout_pipe, "spout 2.x pachd": spout_pachd,
+              f"{PARTITIONS} spouts, PARTITIONS": spouts_split}
 # Segment rows: run at SEGMENT_SIZES only, in marker mode (they count by the record).
 SEGMENT_SIZES = (200, 10 * KIB)
 for _format in ("jsonl", "parquet"):
@@ -517,7 +559,8 @@ def run_end_to_end(bootstrap: str | None, size: int, count: int, runs: int,
         address = bootstrap or tansu.bootstrap
         topic = produce_topic(address, size, count)
         rows = {name: row for name, row in {**PEERS, **DELIVERIES}.items()
-                if name not in SEGMENT_ROWS or (size in SEGMENT_SIZES and not group)}
+                if (name not in SEGMENT_ROWS or (size in SEGMENT_SIZES and not group)) and
+                not (group and row is spouts_split)}
         per_row: dict[str, list] = {name: [] for name in rows}
         for _ in range(runs):
             for name, row in rows.items():
@@ -537,6 +580,10 @@ def run_end_to_end(bootstrap: str | None, size: int, count: int, runs: int,
                 for m, b in zip(measured, per_row[BASELINE]))
         merged["each_run"] = measured
         result[name] = merged
+    split, alone = f"{PARTITIONS} spouts, PARTITIONS", "spout 1.x pipe"
+    if split in per_row and alone in per_row:   # the aggregate rate of a split, per run
+        result["split_rate_ratio"] = statistics.median(
+            s["msg_per_s"] / a["msg_per_s"] for s, a in zip(per_row[split], per_row[alone]))
     result["messages"] = count
     return result
 
@@ -796,6 +843,9 @@ def print_end_to_end(end_to_end: dict, header: bool = True, file=sys.stdout) -> 
                 if "rate_ratio" in row else ""
             print(f"{label:>7} {name:>16} {row['msg_per_s']:>10,.0f} {row['mb_per_s']:>8.1f} "
                   f"{row['cpu_us_per_msg']:>11.2f} {ratios}", file=file)
+        if "split_rate_ratio" in rows:
+            print(f"{label:>7} {PARTITIONS} spouts (PARTITIONS) against one, aggregate rate: "
+                  f"{rows['split_rate_ratio']:.2f}x on {os.cpu_count()} cores", file=file)
 
 
 def print_table(results: dict) -> None:

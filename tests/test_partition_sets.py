@@ -14,6 +14,7 @@ import pytest
 from conftest import SPOUT, create_topic, pfs_env, produce, spout_env, wait_until
 
 import spout
+from test_verify import tool
 
 
 def commits_of(pachd, repo: str) -> list:
@@ -93,6 +94,26 @@ def test_three_spouts_split_a_topic_and_sigkill_loses_or_repeats_nothing(
         record = spout.record_from_description(commits_of(pachd, repo)[-1].description)
         assert {partition for _topic, partition in record[1]} == owned
     assert union == expected
+    verified = tool(pachd, tmp_path, "verify", *SPLIT)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    # A fourth spout on partition 1, into a repo of its own: the same messages twice.
+    pachd.create_repo("s3")
+    (tmp_path / "s3").mkdir()
+    fourth = spouts(pfs_env(broker, topic, pachd, tmp_path / "s3", OUTPUT_REPO="default/s3",
+                            PARTITIONS="1", GROUP_ID=f"g-{topic}-s3"))
+    wait_until(lambda: len(files_of(pachd, "s3")) >= 100 or fourth.process.poll() is not None,
+               60, "the fourth spout's copy of partition 1")
+    fourth.signal(signal.SIGTERM)
+    assert fourth.wait(15) == 0, fourth.log
+    result = tool(pachd, tmp_path, "verify", *SPLIT, "s3")
+    assert result.returncode == 1, result.stdout + result.stderr
+    overlaps = [line for line in result.stdout.splitlines() if line.startswith("overlap ")]
+    assert overlaps and all(line.startswith(f"overlap {topic}/1 ") for line in overlaps)
+    assert all("default/s0@master commit " in line and "default/s3@master commit " in line
+               for line in overlaps), overlaps
+    ids = {c.id for c in commits_of(pachd, "s3")}
+    assert any(set(line.replace("(", " ").split()) & ids for line in overlaps)
 
 
 def test_resharding_two_spouts_into_three_with_resume_from(broker, pachd, tmp_path, spouts):

@@ -4722,10 +4722,13 @@ class Spout:
         # kafka-python's metadata only when it is refreshed; 5 minutes by default.
         # reconnect_backoff_max_ms: kafka-python's 30 s (Java's is 1 s) left the spout idle
         # for up to 17 s after a restarted broker was back; with 1 s, 1-2 s.
+        # allow_auto_create_topics: a reader creates no topic, and a deleted topic's
+        # partitions, still fetched until the next metadata refresh, must not bring it back
+        # (brokers create topics on request by default: Apache Kafka, Tansu).
         options = {"bootstrap_timeout_ms": 3000, "max_poll_records": 1000,
                    "max_partition_fetch_bytes": 4 * 1024 * 1024,
                    "isolation_level": "read_committed", "metadata_max_age_ms": 30_000,
-                   "reconnect_backoff_max_ms": 1000}
+                   "reconnect_backoff_max_ms": 1000, "allow_auto_create_topics": False}
         options.update(self.config.kafka_options)
         if self.config.group_instance_id and not self.config.exactly_once:
             options["group_instance_id"] = self.config.group_instance_id

@@ -174,9 +174,12 @@ def test_committed_records_only_and_fresh_metadata_by_default(base):
     assert options()["isolation_level"] == "read_committed"
     assert options()["metadata_max_age_ms"] == 30_000
     assert options()["reconnect_backoff_max_ms"] == 1000
-    changed = options(KAFKA_ISOLATION_LEVEL="read_uncommitted", KAFKA_METADATA_MAX_AGE_MS="500")
+    assert options()["allow_auto_create_topics"] is False   # a reader creates no topic
+    changed = options(KAFKA_ISOLATION_LEVEL="read_uncommitted", KAFKA_METADATA_MAX_AGE_MS="500",
+                      KAFKA_ALLOW_AUTO_CREATE_TOPICS="true")
     assert changed["isolation_level"] == "read_uncommitted"
     assert changed["metadata_max_age_ms"] == 500
+    assert changed["allow_auto_create_topics"] is True
 
 
 def test_logged_errors_stay_on_one_line_without_tracebacks():

@@ -112,3 +112,21 @@ def test_a_deleted_topic_leaves_the_record_and_the_group_commits_of_the_others(
                "the group's offset to move on")
     process.signal(signal.SIGTERM)
     assert process.wait(15) == 0, process.log
+
+
+def test_the_spout_creates_no_topic(broker, fifo, spouts):
+    """A misspelt TOPIC, or a topic deleted while its partitions are still fetched: brokers
+    create topics that a metadata request names, unless the client says not to."""
+    import uuid
+
+    from kafka import KafkaConsumer
+    missing = f"t-missing-{uuid.uuid4().hex[:8]}"
+    process = spouts(spout_env(broker, missing, fifo, MARKER="offsets"))
+    wait_until(lambda: process.log.count("have no partitions yet; waiting") >= 2 or
+               process.process.poll() is not None, 60, "the spout to wait for the topic")
+    assert process.stop() == 0, process.log
+    consumer = KafkaConsumer(bootstrap_servers=broker, allow_auto_create_topics=False)
+    try:
+        assert missing not in consumer.topics()
+    finally:
+        consumer.close()

@@ -4,6 +4,7 @@ ListOffsets for the end wrongly); times, `end` and transactions in test_kafka_re
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -305,3 +306,28 @@ def test_a_bounded_read_of_segments_holds_exactly_the_range(broker, ten_each, pa
     assert rows == [(p, o, b"%d-%d" % (p, o)) for p in range(3)
                     for o in range(starts[p], stops[p])]
     assert record_of(pachd).closed
+
+
+def test_a_bounded_read_of_a_partition_set_with_decode(broker, pachd, tmp_path, spouts):
+    """STOP_AT with PARTITIONS and DECODE: only the spout's partitions, decoded, up to the
+    stops, then closed."""
+    from test_decoding_hostile import RegistryDouble, avro, framed
+    schema = {"type": "record", "name": "Reading", "fields": [{"name": "n", "type": "long"}]}
+    topic = create_topic(broker, 3)
+    registry = RegistryDouble({7: ("AVRO", json.dumps(schema))})
+    try:
+        produce(broker, topic, [(p, None, framed(7, avro(schema, {"n": 100 * p + i})))
+                                for i in range(10) for p in range(3)])
+        stops = {1: 6, 2: 3}
+        process = spouts(pfs_env(broker, topic, pachd, tmp_path, PARTITIONS="1-2",
+                                 DECODE="value", SCHEMA_REGISTRY_URL=registry.url,
+                                 FORMAT="json", STOP_AT=offsets_text(topic, stops)))
+        assert process.wait(EXIT_WITHIN) == 0, process.log
+    finally:
+        registry.stop()
+    files = landed(pachd)
+    assert sorted(files) == sorted(f"/{topic}/{p}/{o:020d}" for p in stops
+                                   for o in range(stops[p]))
+    assert json.loads(files[f"/{topic}/2/{2:020d}"])["value"] == {"n": 202}
+    record = record_of(pachd)
+    assert record.closed and record[1] == {(topic, p): o for p, o in stops.items()}

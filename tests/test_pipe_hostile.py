@@ -13,22 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import create_topic, produce, spout_env, wait_until
 from pfs_reader import PfsReader, StreamReader, clean_path, iter_archive
-from test_delivery import archive, raw, read_exactly
+from test_delivery import archive, in_thread, raw, read_exactly
 
 import spout
-
-
-def in_thread(function, *args):
-    outcome = {}
-
-    def run():
-        try:
-            outcome["result"] = function(*args)
-        except BaseException as error:  # noqa: BLE001 - handed to the test
-            outcome["error"] = error
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def fresh_fifo(path: Path) -> None:

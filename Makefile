@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help test test-kafka kafka-jars registry test-registry test-pachd testpachd demo try \
+.PHONY: help test test-kafka kafka-jars registry test-registry test-pachd testpachd demo try try-usage \
 	bench soak venv clean
 .DEFAULT_GOAL := help
 
@@ -79,10 +79,13 @@ demo: $(STAMP) ## a local broker, 300 messages, the spout into 1.x, 2.x and Parq
 
 # Your own Kafka, no Pachyderm: the spout into the pachd double (or --delivery pipe), printing
 # each commit. Other settings from the environment, e.g. FORMAT=jsonl make try ...
-try: $(STAMP) ## BOOTSTRAP=host:port TOPIC=name [TRY_ARGS=...]: your Kafka, no Pachyderm
+try: try-usage $(STAMP) ## BOOTSTRAP=host:port TOPIC=name [TRY_ARGS=...]: your Kafka, no Pachyderm
+	$(PY) demo/try.py --bootstrap "$(BOOTSTRAP)" --topic "$(TOPIC)" $(TRY_ARGS)
+
+# Before the venv is built: a missing argument is said at once.
+try-usage:
 	@test -n "$(BOOTSTRAP)" && test -n "$(TOPIC)" || \
 		{ echo "usage: make try BOOTSTRAP=host:port TOPIC=name [TRY_ARGS='--messages 100 --delivery pipe']"; exit 2; }
-	$(PY) demo/try.py --bootstrap "$(BOOTSTRAP)" --topic "$(TOPIC)" $(TRY_ARGS)
 
 bench: $(STAMP) ## the performance tables of docs/performance.md (about 5 min; BENCH_ARGS)
 	$(PY) bench/bench.py $(BENCH_ARGS)

@@ -6156,9 +6156,11 @@ def kafka_gap_reader(settings: ToolSettings):
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
     try:
+        # A broker that cannot be reached is a one-line answer in seconds, as for the spout
+        # itself (kafka-python's own bootstrap wait is 30 s).
         return KafkaConsumer(bootstrap_servers=list(settings.bootstrap_servers),
                              enable_auto_commit=False, group_id=None,
-                             **{**settings.kafka_options,
+                             **{"bootstrap_timeout_ms": 5000, **settings.kafka_options,
                                 "isolation_level": "read_committed"})
     except KafkaError as error:
         raise ConfigError("BOOTSTRAP_SERVERS", f"cannot reach Kafka at "

@@ -121,7 +121,8 @@ def test_the_spout_creates_no_topic(broker, fifo, spouts):
 
     from kafka import KafkaConsumer
     missing = f"t-missing-{uuid.uuid4().hex[:8]}"
-    process = spouts(spout_env(broker, missing, fifo, MARKER="offsets"))
+    process = spouts(spout_env(broker, missing, fifo, MARKER="offsets",
+                               KAFKA_METADATA_MAX_AGE_MS=500))
     wait_until(lambda: process.log.count("have no partitions yet; waiting") >= 2 or
                process.process.poll() is not None, 60, "the spout to wait for the topic")
     assert process.stop() == 0, process.log

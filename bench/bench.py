@@ -5,8 +5,9 @@ End to end, every row reads the same topic of a local broker (Tansu, or --bootst
 same run: a bare kafka-python poll loop (with the C CRC32C), confluent-kafka's consumer, and
 spout.py itself in marker mode writing to a FIFO read by a drain that walks the tar headers,
 or committing to the pachd double; at 200 B and 10 KiB also with FORMAT=jsonl and parquet on
-both deliveries (segments, counted by the record). The memory rows: defaults, and Parquet with
-64 MiB batches on both deliveries.
+both deliveries (segments, counted by the record); and three spouts splitting the topic with
+PARTITIONS, one per partition, whose aggregate rate is set against one spout's. The memory
+rows: defaults, and Parquet with 64 MiB batches on both deliveries.
 The owned-path rows run the spout's own code (batching, naming, encoding, delivery) on records
 shaped like kafka-python's, with no broker. Rows of one run share the machine's state, so
 compare within a run; the table shows the median of --runs runs, ratios the median of per-run

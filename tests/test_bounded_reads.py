@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import (PACH_REPO, SPOUT, committed_offsets, create_topic, pfs_env, produce,
+from conftest import (PACH_REPO, committed_offsets, create_topic, pfs_env, produce,
                       spout_commits, spout_env, wait_until)
 
 import spout
+from test_pfs_delivery import run_spout
 
 EXIT_WITHIN = 60   # the spout exits by itself once the range is closed
 
@@ -166,13 +165,17 @@ def test_bad_bounds_stop_the_spout_with_one_line(broker, ten_each, pachd, tmp_pa
     topic = ten_each
     env = pfs_env(broker, topic, pachd, tmp_path,
                   **{k: v.replace("{t}", topic) for k, v in settings.items()})
-    result = subprocess.run([sys.executable, str(SPOUT)], env=env, capture_output=True,
-                            text=True, timeout=60)
+    refused_in_one_line(env, culprit.replace("{t}", topic))
+    assert spout_commits(pachd) == []
+
+
+def refused_in_one_line(env: dict, culprit: str) -> None:
+    """The spout stops at start: exit 2, its last line naming the culprit, no traceback."""
+    result = run_spout(env, timeout=60)
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"spout.py: error: {culprit.replace('{t}', topic)}"), result.stderr
+    assert last.startswith(f"spout.py: error: {culprit}"), result.stderr
     assert "Traceback" not in result.stderr
-    assert spout_commits(pachd) == []
 
 
 # -- what only Apache Kafka answers right: offsets-for-times, the end, transactions
